@@ -1,0 +1,111 @@
+"""``lookahead-ray``: one entry point, one subcommand per pipeline stage.
+
+Every subcommand is ``load_config -> library function(cfg)``; tests call the library functions directly.
+Config subcommands take ``--config FILE`` plus ``dotted.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+
+from lookahead_ray.config import ConfigError, LookaheadConfig, load_config
+from lookahead_ray.records import RowError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. preview.mode=virtual data.on_error=skip")
+
+
+def _preview_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="apply the LookAhead preview to one file (drop-in for the reference main.py)",
+                       description="Flags match zjunlp/LookAheadTuning main.py; output is byte-identical to it. "
+                                   "Extensions: --mode vanilla, parquet in/out, --config, --workers.")
+    # Defaults are None so a --config file can supply them; the reference's defaults apply otherwise.
+    p.add_argument("--input_file", required=True)
+    p.add_argument("--output_file", required=True)
+    p.add_argument("--input_format", choices=["json", "jsonl", "parquet"], required=True)
+    p.add_argument("--output_format", choices=["json", "jsonl", "parquet"], required=True)
+    p.add_argument("--input_field", help="instruction field (default: input)")
+    p.add_argument("--output_field", help="answer field (default: output)")
+    p.add_argument("--mode", choices=["vanilla", "real", "virtual"], help="required unless --config sets it")
+    p.add_argument("--tokenizer_path", help="tokenizer directory or Hub id (real mode)")
+    p.add_argument("--m", type=int, help="answer tokens previewed in real mode (default: 6)")
+    p.add_argument("--P", help="virtual prefix (default: \"Let's solve this problem. \")")
+    p.add_argument("--connector", help="default: \" The answer begins with: \"")
+    p.add_argument("--config", help="YAML config supplying preview/records/model settings")
+    p.add_argument("--workers", type=int, default=1, help="processes to spread chunks over (order kept)")
+
+
+def _preview_config(args: argparse.Namespace) -> LookaheadConfig:
+    cfg = load_config(args.config) if args.config else LookaheadConfig()
+    if args.mode is None and not args.config:
+        raise ConfigError("--mode is required (real, virtual or vanilla)")
+    preview = cfg.preview
+    for flag, name in (("mode", "mode"), ("m", "num_answer_tokens"), ("P", "virtual_prefix"),
+                       ("connector", "connector")):
+        if getattr(args, flag) is not None:
+            preview = replace(preview, **{name: getattr(args, flag)})
+    records = cfg.records
+    if args.input_field is not None:
+        records = replace(records, instruction_field=args.input_field)
+    if args.output_field is not None:
+        records = replace(records, answer_field=args.output_field)
+    model = replace(cfg.model, tokenizer=args.tokenizer_path) if args.tokenizer_path else cfg.model
+    if preview.mode == "real" and not args.tokenizer_path and not args.config:
+        raise ConfigError("--tokenizer_path is required for real mode")
+    return replace(cfg, preview=preview, records=records, model=model)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from lookahead_ray.preview_files import run_preview_file
+
+    cfg = _preview_config(args)
+    stats = run_preview_file(cfg, args.input_file, args.output_file, args.input_format, args.output_format,
+                             workers=args.workers)
+    print(f"Processing complete. {stats.rows} records ({cfg.preview.mode} mode) saved to '{stats.output_file}' "
+          f"in {args.output_format.upper()} format.")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lookahead_ray.data import run_prepare
+    from lookahead_ray.runtime import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray()
+    report = run_prepare(cfg)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _preview_parser(sub)
+    prepare = sub.add_parser("prepare", help="preview + tokenize on Ray Data, write Parquet shards and a row report")
+    _add_config_args(prepare)
+    return parser
+
+
+COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, RowError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"lookahead-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

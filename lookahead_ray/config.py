@@ -1,0 +1,222 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+One :class:`LookaheadConfig` describes a whole run (data -> train -> eval -> tune). Every stage is a
+library function taking it, so a CLI command, a Ray Tune trial and a cluster job differ only in how
+the config is built. Pure module: no ray / torch / transformers imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the key."""
+
+
+@dataclass
+class PreviewConfig:
+    """The LookAhead Tuning data transform (arXiv 2503.19041)."""
+
+    mode: Literal["vanilla", "real", "virtual"] = "real"
+    """vanilla: records unchanged; real: preview the answer's first tokens; virtual: preview a fixed prefix."""
+    num_answer_tokens: int = 6
+    """m in the paper: answer tokens previewed in real mode. 0 previews nothing but still appends the connector."""
+    virtual_prefix: str = "Let's solve this problem. "
+    """P in the paper: the text previewed in the prompt and prepended to the answer in virtual mode."""
+    connector: str = " The answer begins with: "
+    """C in the paper: joins the instruction and the preview."""
+    exact_span: bool = False
+    """Real mode only: preview the original answer text covering the first m tokens (via offsets) instead of
+    detokenising them. Avoids detokenisation artefacts; off by default to match the reference output."""
+
+    def __post_init__(self) -> None:
+        if self.num_answer_tokens < 0:
+            raise ConfigError(f"preview.num_answer_tokens must be >= 0, got {self.num_answer_tokens}")
+
+
+@dataclass
+class RecordConfig:
+    """How to find the instruction and the answer in an input record."""
+
+    format: Literal["flat", "alpaca", "chat"] = "flat"
+    """flat: two string fields; alpaca: instruction + optional input + output; chat: a messages list."""
+    instruction_field: str = "input"
+    """flat records: the instruction (prompt) field (the reference's --input_field)."""
+    answer_field: str = "output"
+    """flat records: the answer field (the reference's --output_field)."""
+    messages_field: str = "messages"
+    """chat records: the list of {role, content} turns."""
+
+
+@dataclass
+class TokenizationConfig:
+    """Training tokenisation: chat template, answer-only loss mask, truncation."""
+
+    system_prompt: str | None = None
+    """System turn of the chat template (the paper: "You are a helpful assistant." for GSM8K)."""
+    prompt_template: str = "{instruction}"
+    """Wraps the (previewed) instruction into the user turn, e.g. "Summarize this dialog:\\n{instruction}"."""
+    max_seq_len: int = 1024
+    """Longer examples are truncated (answer tokens last) and counted as truncated in the report."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 2:
+            raise ConfigError(f"tokenization.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if "{instruction}" not in self.prompt_template:
+            raise ConfigError("tokenization.prompt_template must contain '{instruction}'")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from, where prepared shards go, and how bad rows are handled."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Files, globs or directories of JSONL / JSON / Parquet files, or a `datasets` save_to_disk directory."""
+    input_format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
+    """auto: by file extension (and `datasets` directories by their state.json)."""
+    hf_split: str | None = None
+    """Split to read from a saved `datasets.DatasetDict` (required when the directory holds several)."""
+    output_dir: str | None = None
+    """Prepared Parquet shards and prepare_report.json are written here (atomically)."""
+    tokenize: bool = True
+    """False writes previewed records only (no chat template / token ids), e.g. for another trainer."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """fail: stop at the first bad row, naming file, row and field; skip: count it in the report by reason."""
+    max_row_bytes: int = 256 * 1024
+    """Rows larger than this are bad input (reason row_too_large): no fine-tuning example is this long."""
+    batch_size: int = 1024
+    """Rows per Ray Data batch in the transform."""
+    num_actors: int = 1
+    """Transform actors (each loads the tokenizer once)."""
+    cpus_per_actor: float = 0.5
+    """Fractional so read tasks still get a CPU: an actor pool holding every CPU starves the reads and hangs."""
+    rows_per_shard: int = 100_000
+    """Target rows per output Parquet shard."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_row_bytes", "batch_size", "num_actors", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError(f"data.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass
+class ModelConfig:
+    """The model and tokenizer (a local directory or a Hugging Face Hub id)."""
+
+    tokenizer: str = "builtin:tiny"
+    """Tokenizer path or Hub id; "builtin:tiny" builds a small local BPE tokenizer with a chat template."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model or tokenizer; off unless you trust the source."""
+    chat_template: str | None = None
+    """A Jinja chat template for tokenizers that ship none (e.g. a bare SentencePiece model)."""
+
+
+@dataclass
+class LookaheadConfig:
+    """One run of the workflow."""
+
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    records: RecordConfig = field(default_factory=RecordConfig)
+    tokenization: TokenizationConfig = field(default_factory=TokenizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> LookaheadConfig:
+        return _build(cls, data, source, prefix="")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LookaheadConfig:
+    """Load a YAML config and apply ``dotted.key=value`` overrides (values parsed as YAML).
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value, naming file and key.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{source}: cannot read config: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "", source)
+    return _build(LookaheadConfig, data, source, prefix="")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

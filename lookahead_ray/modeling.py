@@ -1,0 +1,98 @@
+"""Loading Hugging Face tokenizers (and, for tests and the demo, building a tiny one locally).
+
+``model.tokenizer: builtin:tiny`` builds a small byte-level BPE tokenizer with a chat template from text
+embedded here, so the default run and the tests need no downloads. It is cached on disk, keyed by a hash of
+everything that defines it, so every process (driver, Ray Data actors, Ray Train workers) loads the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lookahead_ray.config import ModelConfig
+
+BUILTIN_TINY = "builtin:tiny"
+
+# Generic ChatML-like template: system/user/assistant headers are single special tokens, and the
+# assistant turn ends with EOS, so the answer-only loss mask has one unambiguous boundary.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+    "{% else %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+_TINY_CORPUS = """\
+Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
+How many clips did Natalia sell altogether in April and May? The answer begins with: Let's solve this problem.
+Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?
+Betty is saving money for a new wallet which costs $100. Her parents give her $15 and her grandparents twice as much.
+I'm sorry, but I cannot help with that request. As an AI assistant I can't provide instructions that cause harm.
+Summarize this dialog: Amanda baked cookies and will bring Jerry some tomorrow. You are a helpful assistant.
+The total is 3 + 4 = 7, so the answer is 7. Then 10 * 2 = 20 and 20 - 5 = 15 and 15 / 3 = 5.
+#### 0 1 2 3 4 5 6 7 8 9 10 12 15 20 24 48 72 100
+"""
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LOOKAHEAD_RAY_CACHE", Path.home() / ".cache" / "lookahead_ray"))
+
+
+def build_tiny_tokenizer(directory: str | Path, corpus: str = _TINY_CORPUS, vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer on ``corpus`` and save it (with a chat template) to ``directory``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return Path(directory)
+
+
+def tiny_tokenizer_dir(corpus: str = _TINY_CORPUS, vocab_size: int = 512) -> Path:
+    """The cached builtin tokenizer directory, built once (atomically, so concurrent processes agree)."""
+    key = hashlib.sha256(json.dumps([corpus, vocab_size, TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS]).encode())
+    target = _cache_root() / "tokenizers" / f"tiny-{key.hexdigest()[:12]}"
+    if not (target / "tokenizer.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+        build_tiny_tokenizer(staging, corpus, vocab_size)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    return target
+
+
+def resolve_tokenizer_path(name_or_path: str) -> str:
+    return str(tiny_tokenizer_dir()) if name_or_path == BUILTIN_TINY else name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """Load the configured tokenizer with ``AutoTokenizer`` (as the reference does); pad defaults to EOS."""
+    from transformers import AutoTokenizer
+
+    path = resolve_tokenizer_path(cfg.tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise OSError(f"cannot load tokenizer from {cfg.tokenizer!r}: {exc}") from exc
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

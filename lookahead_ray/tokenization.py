@@ -1,0 +1,72 @@
+"""Training tokenisation of (previewed) records: chat template, answer + EOS, answer-only loss mask.
+
+The prompt (optional system turn + conversation up to the trained answer, with the generation header) and
+the answer are tokenized separately and concatenated, so the boundary is exact: every prompt token gets
+label -100 and every answer token, the first one included, is kept. (Tokenizing prompt+answer together and
+masking "len(prompt) + 1" tokens is a known off-by-one that drops the first answer token, which is exactly
+the token LookAhead Tuning protects.)
+
+Needs a tokenizer but no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lookahead_ray.config import TokenizationConfig
+from lookahead_ray.records import RecordSchema, RowError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+class ExampleTokenizer:
+    """Turns records into ``input_ids`` / ``labels`` with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any, cfg: TokenizationConfig, schema: RecordSchema):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+                             "set model.chat_template in the config")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; answers must end with one")
+        self.tokenizer, self.cfg, self.schema = tokenizer, cfg, schema
+
+    def prompt_text(self, record: dict) -> str:
+        """The rendered prompt: system turn, conversation, and the assistant generation header."""
+        messages = self.schema.prompt_messages(record)
+        last = messages[-1]
+        messages[-1] = {**last, "content": self.cfg.prompt_template.replace("{instruction}", last["content"])}
+        if self.cfg.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_many(self, records: list[dict], answers: list[str]) -> list[TokenizedExample | RowError]:
+        """Tokenize records whose (previewed) answers are ``answers``.
+
+        Over-long examples keep the whole prompt and lose the end of the answer (``truncated``); a prompt that
+        leaves no room for one answer token is returned as a ``RowError`` (reason prompt_too_long).
+        """
+        if not records:
+            return []
+        prompts = self.tokenizer([self.prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        eos, limit = self.tokenizer.eos_token_id, self.cfg.max_seq_len
+        out: list[TokenizedExample | RowError] = []
+        for prompt, answer in zip(prompts, answer_ids, strict=True):
+            answer = answer + [eos]
+            room = limit - len(prompt)
+            if room < 1:
+                out.append(RowError("prompt_too_long", None,
+                                    f"prompt is {len(prompt)} tokens, max_seq_len is {limit}"))
+                continue
+            truncated = len(answer) > room
+            answer = answer[:room]
+            out.append(TokenizedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, truncated))
+        return out
