@@ -83,6 +83,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from lookahead_ray.trainer import run_training, run_training_local
+
+    overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(args.config, overrides)
+    result = run_training_local(cfg) if args.local else run_training(cfg)
+    keys = ("step", "loss", "tokens_per_second", "export_max_abs_logit_diff")
+    print("train: " + ", ".join(f"{k}={result.metrics[k]:.4g}" if isinstance(result.metrics.get(k), float)
+                                else f"{k}={result.metrics.get(k)}" for k in keys)
+          + f" -> {result.final_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     _preview_parser(sub)
     prepare = sub.add_parser("prepare", help="preview + tokenize on Ray Data, write Parquet shards and a row report")
     _add_config_args(prepare)
+    train = sub.add_parser("train", help="fine-tune with Ray Train + DeepSpeed ZeRO; HF export in OUTPUT_DIR/final")
+    _add_config_args(train)
+    train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
+    train.add_argument("--local", action="store_true", help="run the same loop in this process, without Ray")
     return parser
 
 
-COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare}
+COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,94 +30,15 @@ from ray.data.block import Block
 from ray.data.datasource import Datasink
 
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.preview import AnswerPreviewer, preview_records
-from lookahead_ray.records import RecordSchema, RowError
-from lookahead_ray.sources import RecordFileDatasource, expand_inputs
+from lookahead_ray.record_files import expand_inputs
+from lookahead_ray.records import RowError
+from lookahead_ray.sources import RecordFileDatasource
+from lookahead_ray.transform import PrepareRecords
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "prepare_report.json"
-TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 _MAX_EXAMPLES = 20
-
-
-class PrepareRecords:
-    """Ray Data callable class: the tokenizer is loaded once per actor, then batches stream through."""
-
-    def __init__(self, cfg_dict: dict[str, Any]):
-        from lookahead_ray.modeling import load_tokenizer
-        from lookahead_ray.tokenization import ExampleTokenizer
-
-        self.cfg = LookaheadConfig.from_dict(cfg_dict)
-        self.schema = RecordSchema(self.cfg.records)
-        needs_tokenizer = self.cfg.data.tokenize or self.cfg.preview.mode == "real"
-        tokenizer = load_tokenizer(self.cfg.model) if needs_tokenizer else None
-        self.previewer = (AnswerPreviewer(tokenizer, self.cfg.preview.num_answer_tokens, self.cfg.preview.exact_span)
-                          if self.cfg.preview.mode == "real" else None)
-        self.encoder = ExampleTokenizer(tokenizer, self.cfg.tokenization, self.schema) if self.cfg.data.tokenize else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        files = batch.column("source_file").to_pylist()
-        rows = batch.column("source_row").to_pylist()
-        errors: list[RowError | None] = [None] * len(rows)
-        good: list[int] = []
-        parsed: list[dict] = []
-        for i, (text, read_error) in enumerate(zip(batch.column("record").to_pylist(),
-                                                   batch.column("read_error").to_pylist(), strict=True)):
-            try:
-                parsed.append(self._validate(text, read_error))
-                good.append(i)
-            except RowError as exc:
-                errors[i] = self._fail_or_keep(exc.at(files[i], rows[i]))
-        previewed = preview_records(parsed, self.cfg.preview, self.schema, self.previewer)
-        columns: dict[str, list] = {"source_file": files, "source_row": rows}
-        if self.encoder is None:
-            records: list[str | None] = [None] * len(rows)
-            for i, record in zip(good, previewed, strict=True):
-                records[i] = json.dumps(record, ensure_ascii=False)
-            columns.update(record=records, truncated=[False] * len(rows))
-        else:
-            answers = [self.schema.extract(r).answer for r in previewed]
-            ids: list[list[int]] = [[] for _ in rows]
-            labels: list[list[int]] = [[] for _ in rows]
-            truncated = [False] * len(rows)
-            for i, example in zip(good, self.encoder.encode_many(previewed, answers), strict=True):
-                if isinstance(example, RowError):
-                    errors[i] = self._fail_or_keep(example.at(files[i], rows[i]))
-                else:
-                    ids[i], labels[i], truncated[i] = example.input_ids, example.labels, example.truncated
-            columns.update(input_ids=ids, attention_mask=[[1] * len(x) for x in ids], labels=labels,
-                           truncated=truncated)
-        columns.update(reject_reason=[e.reason if e else None for e in errors],
-                       reject_field=[e.field if e else None for e in errors],
-                       reject_detail=[e.detail if e else None for e in errors])
-        return _columns_to_table(columns)
-
-    def _validate(self, text: str | None, read_error: str | None) -> dict:
-        if read_error is not None:
-            reason, _, detail = read_error.partition(": ")
-            raise RowError(reason, None, detail)
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RowError("invalid_json", None, str(exc)) from None
-        answer = self.schema.extract(record).answer
-        if not answer.strip():
-            field_name = {"flat": self.cfg.records.answer_field, "alpaca": "output"}.get(
-                self.cfg.records.format, self.cfg.records.messages_field)
-            raise RowError("empty_answer", field_name, "the answer is empty; there is nothing to train on")
-        return record
-
-    def _fail_or_keep(self, error: RowError) -> RowError:
-        if self.cfg.data.on_error == "fail":
-            raise error
-        return error
-
-
-def _columns_to_table(columns: dict[str, list]) -> pa.Table:
-    types = {"input_ids": pa.list_(pa.int32()), "attention_mask": pa.list_(pa.int8()),
-             "labels": pa.list_(pa.int32()), "source_row": pa.int64(), "truncated": pa.bool_()}
-    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in columns.items()})
 
 
 @dataclass
@@ -203,13 +124,14 @@ class PreparedShardsDatasink(Datasink):
         self.counts = total
 
 
-def transformed_dataset(cfg: LookaheadConfig) -> tuple[Dataset, list[str]]:
-    """Read + transform as a lazy Ray Dataset (one output row per input row, rejections included)."""
+def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False) -> tuple[Dataset, list[str]]:
+    """Read + transform as a lazy Ray Dataset: one output row per input row, rejections included, or (for
+    training) only the token columns of accepted rows."""
     files = expand_inputs(cfg.data)
     source = RecordFileDatasource(files, cfg.data.input_format, cfg.data.max_row_bytes)
     # Fractional CPUs for reads and actors: on a 2-CPU node an actor pool holding every CPU starves the reads.
     ds = ray.data.read_datasource(source, num_cpus=0.5)
-    ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(),), batch_format="pyarrow",
+    ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(), accepted_tokens_only), batch_format="pyarrow",
                         batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_actor,
                         compute=ActorPoolStrategy(size=cfg.data.num_actors))
     # Surface a bad row's RowError itself (not a generic "UDF failed") so the driver can name file/row/field.
@@ -219,12 +141,9 @@ def transformed_dataset(cfg: LookaheadConfig) -> tuple[Dataset, list[str]]:
 
 def build_training_dataset(cfg: LookaheadConfig) -> Dataset:
     """The prepared examples as a stream for Ray Train (rejected rows removed, token columns only)."""
-    ds, _ = transformed_dataset(cfg)
-    return ds.map_batches(_accepted_token_columns, batch_format="pyarrow", num_cpus=0.25)
-
-
-def _accepted_token_columns(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch.column("reject_reason").is_null()).select(TOKEN_COLUMNS)
+    if not cfg.data.tokenize:
+        raise ValueError("training needs token ids: data.tokenize must be true")
+    return transformed_dataset(cfg, accepted_tokens_only=True)[0]
 
 
 def find_row_error(exc: BaseException) -> RowError | None:

@@ -7,9 +7,11 @@ everything that defines it, so every process (driver, Ray Data actors, Ray Train
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from lookahead_ray.config import ModelConfig
 
 BUILTIN_TINY = "builtin:tiny"
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 # Generic ChatML-like template: system/user/assistant headers are single special tokens, and the
 # assistant turn ends with EOS, so the answer-only loss mask has one unambiguous boundary.
@@ -96,3 +99,35 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail early (before any Ray work) on a model that cannot be loaded.
+
+    Raises:
+        ValueError: neither or both of ``model.name_or_path`` and ``model.tiny`` are set.
+        FileNotFoundError: ``model.name_or_path`` looks like a local path and does not exist.
+    """
+    if (cfg.name_or_path is None) == (cfg.tiny is None):
+        raise ValueError("set exactly one of model.name_or_path (a directory or Hub id) and model.tiny")
+    path = cfg.name_or_path
+    if path is None:
+        return
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or not _HUB_ID.fullmatch(path)
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"model.name_or_path: {path} is not a model directory (nor a Hub id like org/name)")
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) -> Any:
+    """Load ``model.name_or_path`` with ``from_pretrained`` or build ``model.tiny`` (Llama) from config."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.tiny is not None:
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             tie_word_embeddings=False, **dataclasses.asdict(cfg.tiny))
+        return LlamaForCausalLM(config).to(dtype or torch.float32)
+    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype,
+                                                trust_remote_code=cfg.trust_remote_code)

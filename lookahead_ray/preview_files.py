@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -90,14 +91,11 @@ def _read_parquet_chunks(path: str) -> Iterator[tuple[list[int], list[Any]]]:
 class _ChunkWorker:
     """Previews and serialises one chunk; one per process, holding the tokenizer."""
 
-    def __init__(self, cfg: LookaheadConfig, input_format: str, output_format: str, path: str):
+    def __init__(self, cfg: LookaheadConfig, input_format: str, output_format: str, path: str, tokenizer: Any):
         self.cfg, self.input_format, self.output_format, self.path = cfg, input_format, output_format, path
         self.schema = RecordSchema(cfg.records)
         self.previewer = None
         if cfg.preview.mode == "real":
-            from lookahead_ray.modeling import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model)
             self.previewer = AnswerPreviewer(tokenizer, cfg.preview.num_answer_tokens, cfg.preview.exact_span)
 
     def __call__(self, chunk: tuple[list[int], list[Any]]) -> tuple[int, str | list[dict]]:
@@ -151,13 +149,14 @@ class _AtomicOutput:
 
 
 def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, input_format: str,
-                     output_format: str, workers: int = 1) -> PreviewFileStats:
+                     output_format: str, workers: int = 1, tokenizer: Any = None) -> PreviewFileStats:
     """Preview every record of ``input_file`` into ``output_file``.
 
     Args:
         cfg: preview, records and model (tokenizer) settings.
         input_format / output_format: "jsonl", "json" or "parquet".
         workers: processes to spread chunks over (order is kept); 1 runs in this process.
+        tokenizer: an already loaded tokenizer (real mode); by default ``cfg.model.tokenizer`` is loaded.
 
     Raises:
         RowError: a bad row, naming file, line (JSONL) or 1-based row (JSON/Parquet) and field.
@@ -167,13 +166,19 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
         raise FileNotFoundError(f"input file not found: {input_file}")
     readers = {"jsonl": _read_jsonl_chunks, "json": _read_json_chunks, "parquet": _read_parquet_chunks}
     chunks = readers[input_format](input_file)
-    args = (cfg, input_format, output_format, input_file)
+    if cfg.preview.mode == "real" and tokenizer is None:
+        from lookahead_ray.modeling import load_tokenizer
+
+        # Loaded once here and pickled to any worker processes: loading a SentencePiece model converts it
+        # to a fast tokenizer, which takes seconds and would otherwise be repeated in every process.
+        tokenizer = load_tokenizer(cfg.model)
+    args = (cfg, input_format, output_format, input_file, tokenizer)
     out = _AtomicOutput(output_file, binary=output_format == "parquet")
     rows = 0
     try:
         if workers > 1:
             pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args)
-            results = pool.map(_run_chunk, chunks)
+            results = _ordered_bounded_map(pool, chunks, window=2 * workers)
         else:
             pool, results = None, map(_ChunkWorker(*args), chunks)
         try:
@@ -186,6 +191,18 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
         out.abort()
         raise
     return PreviewFileStats(rows, input_file, output_file)
+
+
+def _ordered_bounded_map(pool: ProcessPoolExecutor, chunks: Iterator[Any], window: int) -> Iterator[Any]:
+    """Results in input order with at most ``window`` chunks in flight (Executor.map would read the whole
+    input ahead and hold it in memory)."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_run_chunk, chunk))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _write(f: IO, output_format: str, results: Iterator[Any]) -> int:

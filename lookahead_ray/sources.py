@@ -1,164 +1,27 @@
-"""Input files for the Ray Data pipeline: path expansion and a streaming, row-numbering datasource.
-
-Every row leaves the reader as ``(source_file, source_row, record, read_error)``: ``record`` is the row as
-JSON text (records of different shapes cannot share one Arrow schema), ``source_row`` is the 1-based line
-(JSONL) or row (JSON list, Parquet, Arrow) number, and a row that cannot be decoded carries ``read_error``
-instead of being dropped, so the transform can fail on it or count it.
-"""
+"""Ray Data datasource over the row readers of ``record_files``: streaming, numbered rows of JSON text."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from lookahead_ray.config import DataConfig
-
-FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-READ_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()),
-                         ("record", pa.large_string()), ("read_error", pa.string())])
-_BLOCK_ROWS = 8192
-_READ_BYTES = 4 << 20
-
-
-def _hf_arrow_files(directory: Path, split: str | None) -> list[str]:
-    """Arrow files of a `datasets` save_to_disk directory (a Dataset, or one split of a DatasetDict)."""
-    if (directory / "dataset_dict.json").exists():
-        splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
-        if split is None:
-            if len(splits) != 1:
-                raise ValueError(f"{directory}: DatasetDict with splits {splits}; set data.hf_split")
-            split = splits[0]
-        if split not in splits:
-            raise ValueError(f"{directory}: no split {split!r} (splits: {splits})")
-        directory = directory / split
-    state = json.loads((directory / "state.json").read_text())
-    return [str(directory / f["filename"]) for f in state["_data_files"]]
-
-
-def expand_inputs(cfg: DataConfig) -> list[str]:
-    """Resolve files, globs and directories to a sorted, de-duplicated list of data files.
-
-    Raises:
-        FileNotFoundError: an input matches nothing.
-        ValueError: no inputs, or a file of an unknown format.
-    """
-    if not cfg.inputs:
-        raise ValueError("data.inputs is empty: give at least one file, glob or directory")
-    files: list[str] = []
-    for spec in cfg.inputs:
-        path = Path(spec)
-        if path.is_dir() and (cfg.input_format == "hf" or (path / "state.json").exists()
-                              or (path / "dataset_dict.json").exists()):
-            files += _hf_arrow_files(path, cfg.hf_split)
-        elif path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMAT_BY_SUFFIX and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files")
-            files += found
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"data.inputs: {spec} does not exist and matches no file")
-            files += [m for m in matches if os.path.isfile(m)]
-    for f in files:
-        if cfg.input_format == "auto" and Path(f).suffix not in FORMAT_BY_SUFFIX:
-            raise ValueError(f"{f}: unknown file type; set data.input_format")
-    return list(dict.fromkeys(os.path.abspath(f) for f in files))
+from lookahead_ray.record_files import RowReader, file_format
 
 
 class RecordFileDatasource(FileBasedDatasource):
-    """Streams JSONL / JSON / Parquet / Arrow files as numbered rows of JSON text."""
+    """Streams JSONL / JSON / Parquet / Arrow files as READ_SCHEMA blocks, one read task per file."""
 
     def __init__(self, paths: list[str], input_format: str = "auto", max_row_bytes: int = 1 << 20):
         super().__init__(paths)
-        self.input_format, self.max_row_bytes = input_format, max_row_bytes
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        fmt = self._format(path)
-        rows = {"jsonl": self._jsonl_rows, "json": self._json_rows,
-                "parquet": self._parquet_rows, "arrow": self._arrow_rows}[fmt](f, path)
-        block: list[tuple] = []
-        for row in rows:
-            block.append(row)
-            if len(block) == _BLOCK_ROWS:
-                yield _to_table(path, block)
-                block = []
-        if block:
-            yield _to_table(path, block)
+        self.input_format, self.reader = input_format, RowReader(max_row_bytes)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
-        if self._format(path) == "parquet":  # Parquet footers need random access
+        if file_format(path, self.input_format) == "parquet":  # Parquet footers need random access
             return filesystem.open_input_file(path)
         return super()._open_input_source(filesystem, path, **open_args)
 
-    def _format(self, path: str) -> str:
-        if self.input_format == "hf":
-            return "arrow"
-        return self.input_format if self.input_format != "auto" else FORMAT_BY_SUFFIX[Path(path).suffix]
-
-    def _too_large(self, size: int) -> str:
-        return f"row_too_large: {size} bytes > data.max_row_bytes {self.max_row_bytes}"
-
-    def _jsonl_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple]:
-        carry, number = b"", 0
-        while True:
-            chunk = f.read(_READ_BYTES)
-            lines = (carry + chunk).split(b"\n")
-            carry = lines.pop() if chunk else b""
-            for line in lines:
-                number += 1
-                if not line.strip():
-                    continue  # blank lines are not rows (as in the reference)
-                if len(line) > self.max_row_bytes:
-                    yield number, None, self._too_large(len(line))
-                    continue
-                try:
-                    yield number, line.decode("utf-8"), None
-                except UnicodeDecodeError as exc:
-                    yield number, None, f"invalid_utf8: {exc}"
-            if not chunk:
-                return
-
-    def _json_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple]:
-        try:
-            data = json.loads(f.readall().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            # A JSON file is one value: a syntax error makes the whole file unreadable, not one row.
-            raise ValueError(f"{path}: not valid UTF-8 JSON: {exc}") from exc
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: a JSON input must hold a list of records, got {type(data).__name__}")
-        for number, item in enumerate(data, 1):
-            text = json.dumps(item, ensure_ascii=False)
-            yield (number, None, self._too_large(len(text))) if len(text) > self.max_row_bytes else (number, text, None)
-
-    def _parquet_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple]:
-        import pyarrow.parquet as pq
-
-        yield from self._table_rows(pq.ParquetFile(f).iter_batches(batch_size=_BLOCK_ROWS))
-
-    def _arrow_rows(self, f: pa.NativeFile, path: str) -> Iterator[tuple]:
-        yield from self._table_rows(pa.ipc.open_stream(f))  # `datasets` writes Arrow IPC streams
-
-    def _table_rows(self, batches) -> Iterator[tuple]:
-        number = 0
-        for batch in batches:
-            for item in batch.to_pylist():
-                number += 1
-                text = json.dumps(item, ensure_ascii=False, default=str)
-                yield (number, None, self._too_large(len(text))) if len(text) > self.max_row_bytes else (number, text, None)
-
-
-def _to_table(path: str, rows: list[tuple]) -> pa.Table:
-    numbers, records, errors = zip(*rows, strict=True)
-    return pa.Table.from_arrays([pa.array([path] * len(rows), pa.string()), pa.array(numbers, pa.int64()),
-                                 pa.array(records, pa.large_string()), pa.array(errors, pa.string())],
-                                schema=READ_SCHEMA)
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        yield from self.reader.tables(f, path, file_format(path, self.input_format))

@@ -1,0 +1,83 @@
+"""The DeepSpeed config, built by one pure function from the typed train config.
+
+Pure module: no ray / torch / deepspeed imports, so it is testable and inspectable anywhere
+(``python -c "from lookahead_ray.deepspeed_config import ..."``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from lookahead_ray.config import TrainConfig
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for ZeRO-2/3 with explicit, consistent batch sizes.
+
+    Args:
+        cfg: the train section.
+        world_size: data-parallel workers (the batch sizes are computed from it, never left to "auto").
+        total_steps: optimizer steps of the whole run, for the LR schedule.
+        on_gpu: on GPUs the optimizer comes from this config (FusedAdam, or DeepSpeedCPUAdam with offload);
+            on CPU the training loop passes a torch AdamW instead, because DeepSpeed's CPU build of FusedAdam
+            JIT-compiles for minutes, and ``zero_force_ds_cpu_optimizer: false`` lets offload accept it.
+
+    Returns:
+        A plain dict for ``deepspeed.initialize(config=...)``; ``cfg.deepspeed_overrides`` is merged last.
+    """
+    zero: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "overlap_comm": on_gpu,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+    }
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.zero_stage == 3:
+        # Gather 16-bit weights on save so the Hugging Face export is complete, not rank-0's shard.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "scheduler": _scheduler(cfg, total_steps),
+        "steps_per_print": 10**9,  # metrics go through ray.train.report, not DeepSpeed's stdout
+        "wall_clock_breakdown": False,
+    }
+    if on_gpu:
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.learning_rate, "betas": list(cfg.adam_betas), "eps": 1e-8, "weight_decay": cfg.weight_decay}}
+    else:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return _merge(ds, cfg.deepspeed_overrides)
+
+
+def _scheduler(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.lr_schedule == "constant":
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.learning_rate,
+                                               "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}}
+    if cfg.lr_schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0,
+                                                    "warmup_max_lr": cfg.learning_rate,
+                                                    "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}}
+    return {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, 1),
+                                                 "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+                                                 "cos_min_ratio": 0.1}}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

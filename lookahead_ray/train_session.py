@@ -1,0 +1,107 @@
+"""Where the training loop gets its data and sends its metrics and checkpoints.
+
+The loop (``train_loop.run_loop``) is written once against this small surface. ``RaySession`` maps it onto
+Ray Train (dataset shard, ``ray.train.report``, ``ray.train.get_checkpoint``); ``LocalSession`` runs the same
+loop in one process without Ray (single-GPU debugging, machines without Ray). Only ``RaySession`` imports ray,
+and only when it is constructed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]  # column -> numpy array of token-id lists
+
+
+class TrainSession(Protocol):
+    world_rank: int
+    world_size: int
+
+    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
+        """One epoch of this worker's micro-batches (equal count on every worker)."""
+
+    def latest_checkpoint(self) -> Any:
+        """Context manager yielding a local directory of the checkpoint to resume from, or None."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """Metrics (every rank calls it the same number of times) and, optionally, this rank's checkpoint files."""
+
+
+class RaySession:
+    """Ray Train V2: the shard of the "train" dataset, ``ray.train.report`` and ``ray.train.get_checkpoint``.
+
+    Without a checkpoint of this run, ``resume_from`` (a local path or a URI Ray Train can read) is used:
+    Train V2 deprecates ``TorchTrainer(resume_from_checkpoint=...)`` in favour of this pattern.
+    """
+
+    def __init__(self, resume_from: str | None = None) -> None:
+        import ray.train
+
+        self._train, self.resume_from = ray.train, resume_from
+        context = ray.train.get_context()
+        self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
+        shard = self._train.get_dataset_shard("train")
+        # drop_last with Ray's equal split gives every worker the same number of batches, which the
+        # collectives of each DeepSpeed step require.
+        return shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True)
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None and self.resume_from:
+            checkpoint = self._train.Checkpoint(self.resume_from)
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """One process, no Ray: batches from a callable, checkpoints copied under ``run_dir``."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, make_batches: Callable[[int], Iterable[Batch]], run_dir: str | Path, keep: int,
+                 resume_from: str | None = None):
+        self.make_batches, self.run_dir, self.keep, self.resume_from = make_batches, Path(run_dir), keep, resume_from
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = sorted(self.run_dir.glob("checkpoint_*"))
+
+    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
+        return self.make_batches(micro_batch_size)
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield str(self.checkpoints[-1]) if self.checkpoints else self.resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.metrics.append(metrics)
+        logger.info("step %s %s", metrics.get("step"), json.dumps(metrics, default=str))
+        if checkpoint_dir is None:
+            return
+        index = int(self.checkpoints[-1].name.split("_")[-1]) + 1 if self.checkpoints else 0
+        target = self.run_dir / f"checkpoint_{index:06d}"
+        shutil.copytree(checkpoint_dir, target)
+        (target / "metrics.json").write_text(json.dumps(metrics, default=str))
+        self.checkpoints.append(target)
+        while len(self.checkpoints) > self.keep:
+            shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)

@@ -1,0 +1,206 @@
+"""Training spine on CPU: real Ray Train (2 workers), real DeepSpeed ZeRO-2/3, tiny Llama, no downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lookahead_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "90")  # a starved start fails instead of hanging
+
+
+def _write_rows(path: Path, n: int = 96) -> Path:
+    rows = [{"input": f"How much is {i} plus {i + 1}?", "output": f"{i} plus {i + 1} is {2 * i + 1}.\n#### {2 * i + 1}"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    data = _write_rows(tmp_path / "train.jsonl")
+    return load_config(REPO / "configs" / "tiny_cpu.yaml", [
+        f"data.inputs=[{data}]", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=16",
+        "train.report_every_steps=8", "train.checkpoint_every_steps=0", "train.warmup_steps=2", *overrides])
+
+
+def _check_export(result, precision: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = Path(result.final_dir)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "lookahead_config.yaml"} <= {
+        p.name for p in final.iterdir()}
+    check = torch.load(Path(result.checkpoint_dir) / "export_check.pt")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=dtype).eval()
+    assert sum(p.numel() for p in model.parameters()) == result.metrics["exported_parameters"]
+    with torch.no_grad():
+        logits = model(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.float()
+    tolerance = 5e-2 if precision == "bf16" else 1e-3  # bf16 weights and activations vs fp32
+    assert (logits - check["logits"]).abs().max().item() <= tolerance
+    assert AutoTokenizer.from_pretrained(final).chat_template
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
+def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_path, stage, precision):
+    from lookahead_ray.trainer import run_training
+
+    result = run_training(_cfg(tmp_path, f"train.zero_stage={stage}", f"train.precision={precision}"))
+    metrics = result.metrics
+    assert metrics["step"] == 16 and metrics["final"] is True
+    assert metrics["loss"] < 0.8 * metrics["initial_loss"]
+    assert (tmp_path / "run" / "tensorboard" / "tiny_cpu").is_dir()
+    _check_export(result, precision)
+    ds_files = {p.name for p in (Path(result.checkpoint_dir) / "ds" / "state").iterdir()}
+    assert sum("optim_states" in name for name in ds_files) == 2  # both ranks' optimizer shards were merged
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tmp_path):
+    import psutil
+
+    from lookahead_ray.trainer import run_training
+
+    cfg = _cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every_steps=5", "train.report_every_steps=5",
+               "train.max_failures=2", "train.run_name=killed")
+    run_dir = tmp_path / "run" / "killed"
+    killed: list[int] = []
+
+    def checkpoint_registered() -> bool:
+        # A checkpoint directory appears while it is uploaded; it counts once Ray Train has recorded it.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        return snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()
+
+    def kill_one_worker_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not checkpoint_registered():
+            time.sleep(0.1)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    metrics = result.metrics
+    assert metrics["step"] == 30  # exactly the configured step count after the restart
+    assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
+    _check_export(result, "bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_finished_run_resumes_into_a_longer_run(ray_local, tmp_path):
+    from lookahead_ray.trainer import run_training, run_training_local
+
+    first = run_training_local(_cfg(tmp_path, "train.max_steps=8", "train.run_name=short"))
+    assert first.metrics["step"] == 8
+    longer = run_training(_cfg(tmp_path, "train.max_steps=14", "train.run_name=longer",
+                               f"train.resume_from={first.checkpoint_dir}", "train.num_workers=1"))
+    assert longer.metrics["resumed_from_step"] == 8 and longer.metrics["step"] == 14
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_single_process_path_trains_without_ray(tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=24")
+    cfg_file = tmp_path / "local.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    # `sys.modules["ray"] = None` makes any `import ray` fail: the local path must not need Ray.
+    code = ("import json, sys; sys.modules['ray'] = None\n"
+            "from lookahead_ray.config import LookaheadConfig\n"
+            "from lookahead_ray.trainer import run_training_local\n"
+            f"r = run_training_local(LookaheadConfig.from_dict(json.load(open({str(cfg_file)!r}))))\n"
+            "print(json.dumps(r.metrics))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["step"] == 24 and metrics["loss"] < 0.7 * metrics["initial_loss"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert metrics["export_max_abs_logit_diff"] <= 5e-2
+
+
+def test_first_answer_token_is_in_the_loss_and_prompt_tokens_are_not(tiny_tokenizer):
+    import pyarrow as pa
+    import torch
+
+    from lookahead_ray.modeling import build_model
+    from lookahead_ray.record_files import READ_SCHEMA
+    from lookahead_ray.tokenization import IGNORE_INDEX
+    from lookahead_ray.train_loop import collate
+    from lookahead_ray.transform import PrepareRecords
+
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml")
+    rows = [json.dumps({"input": "What is 2 plus 2?", "output": "2 plus 2 is 4."}),
+            json.dumps({"input": "Name a colour.", "output": "Blue is a colour, for example."})]
+    # The same transform the Ray Data pipeline runs, on the table its reader would produce.
+    table = pa.Table.from_pylist([{"source_file": "t", "source_row": i + 1, "record": r, "read_error": None}
+                                  for i, r in enumerate(rows)], schema=READ_SCHEMA)
+    prepared = PrepareRecords(cfg.to_dict(), accepted_tokens_only=True)(table).to_pydict()
+    batch = collate(prepared, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    model = build_model(cfg.model, tiny_tokenizer, seed=0).eval()
+    labels = batch["labels"]
+    first_answer = [int((row != IGNORE_INDEX).nonzero()[0]) for row in labels]
+    answer_ids = tiny_tokenizer("2 plus 2 is 4.", add_special_tokens=False)["input_ids"]
+    assert labels[0, first_answer[0]].item() == answer_ids[0]
+
+    def loss_with_noise_at(positions: list[tuple[int, int]]) -> float:
+        def add_noise(module, inputs, output):
+            output = output.clone()
+            for row, col in positions:
+                output[row, col] += torch.randn_like(output[row, col]) * 5
+            return output
+
+        handle = model.lm_head.register_forward_hook(add_noise)
+        try:
+            with torch.no_grad():
+                return model(**batch).loss.item()
+        finally:
+            handle.remove()
+
+    torch.manual_seed(0)
+    base = loss_with_noise_at([])
+    # Logits at position t predict token t+1: noise where the prompt is predicted must not move the loss ...
+    prompt_positions = [(r, c) for r in range(2) for c in range(first_answer[r] - 1)]
+    assert loss_with_noise_at(prompt_positions) == pytest.approx(base, abs=1e-6)
+    # ... while noise where the first answer token is predicted (the last prompt position) must.
+    assert abs(loss_with_noise_at([(0, first_answer[0] - 1)]) - base) > 1e-3
+    targets = int((labels != IGNORE_INDEX).sum())
+    assert targets == sum(len(tiny_tokenizer(a, add_special_tokens=False)["input_ids"]) + 1
+                          for a in ("2 plus 2 is 4.", "Blue is a colour, for example."))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=1", "train.zero_stage must be 2 or 3"),
+    ("train.global_batch_size=10", "train.global_batch_size 10 != micro_batch_size"),
+    ("train.offload_params=true", "offload_params needs train.zero_stage 3"),
+    ("train.learning_rte=1", "unknown key train.learning_rte"),
+])
+def test_bad_training_config_fails_before_ray(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
+
+
+def test_missing_model_path_fails_before_ray(tmp_path):
+    from lookahead_ray.trainer import run_training
+
+    cfg = _cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'no-such-model'}")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        run_training(cfg)
