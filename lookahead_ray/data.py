@@ -11,7 +11,6 @@ With ``data.on_error: fail`` (the default) the first bad row stops the run with 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -34,8 +33,6 @@ from lookahead_ray.record_files import expand_inputs
 from lookahead_ray.records import RowError
 from lookahead_ray.sources import RecordFileDatasource
 from lookahead_ray.transform import PrepareRecords
-
-logger = logging.getLogger(__name__)
 
 REPORT_NAME = "prepare_report.json"
 _MAX_EXAMPLES = 20
