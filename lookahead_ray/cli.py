@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 
 from lookahead_ray.config import ConfigError, LookaheadConfig, load_config
+from lookahead_ray.eval.judges import JudgeUnavailableError
 from lookahead_ray.records import RowError
 
 
@@ -96,6 +97,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lookahead_ray.eval.runner import parse_model_args, report_table, run_eval
+
+    overrides = list(args.overrides) + ([f"eval.output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(args.config, overrides)
+    results = run_eval(cfg, parse_model_args(args.model))
+    print(report_table(results))
+    print(f"eval: results.json, samples.jsonl and report.md in {cfg.eval.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -107,10 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
     train.add_argument("--local", action="store_true", help="run the same loop in this process, without Ray")
+    evaluate = sub.add_parser("eval", help="safety (RSR, JSR), utility and first-token drift of several models")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                          help="a Hugging Face model directory (repeat for several; the first is the drift seed)")
+    evaluate.add_argument("--output-dir", help="where results go (same as eval.output_dir=...)")
     return parser
 
 
-COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train}
+COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, RowError, FileNotFoundError, ValueError, OSError) as exc:
+    except (ConfigError, RowError, FileNotFoundError, ValueError, OSError, JudgeUnavailableError) as exc:
         print(f"lookahead-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

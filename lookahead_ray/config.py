@@ -222,6 +222,87 @@ class TrainConfig:
 
 
 @dataclass
+class PromptSetConfig:
+    """A prompt file for evaluation (never shipped with the package: users point at their own copies)."""
+
+    path: str
+    format: Literal["hexphi", "harmful_messages", "advbench", "jsonl"] = "jsonl"
+    """hexphi: JSONL {instruction, category}; harmful_messages: JSONL {messages: [user, assistant(harmful)]};
+    advbench: CSV {goal, target}; jsonl: plain JSONL with prompt_field / answer_field / category_field."""
+    prompt_field: str = "instruction"
+    answer_field: str | None = None
+    """Reference answer (utility) or harmful reply (JSR prefill) for the jsonl format."""
+    category_field: str | None = "category"
+    task: Literal["gsm8k", "samsum", "exact"] = "exact"
+    """Utility sets only: how answers are scored."""
+    max_samples: int | None = None
+    """Evaluate the first N rows only."""
+
+
+@dataclass
+class JudgeConfig:
+    """How harmful-prompt responses are judged. The keyword judge always runs; the LLM judge when `llm` is set."""
+
+    refusal_phrases: list[str] | None = None
+    """Substrings that mark a refusal; default: the reference harness's list."""
+    keyword_first_n_words: int | None = None
+    """Also report a keyword judge that only looks at the first N words of the response."""
+    llm: bool = False
+    base_url: str | None = None
+    """An OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a local vLLM server."""
+    model: str | None = None
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (the key itself never goes in a config)."""
+    max_concurrency: int = 4
+    max_retries: int = 5
+    backoff_seconds: float = 1.0
+    timeout_seconds: float = 60.0
+    cache_dir: str = "~/.cache/lookahead_ray/judge"
+
+    def __post_init__(self) -> None:
+        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        if self.max_concurrency < 1 or self.max_retries < 0:
+            raise ConfigError("eval.judge: max_concurrency must be >= 1 and max_retries >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """`lookahead-ray eval`: safety (RSR, JSR), utility and first-token drift of several models."""
+
+    output_dir: str | None = None
+    harmful: PromptSetConfig | None = None
+    """Harmful prompts for RSR (e.g. HEx-PHI)."""
+    harmful_answers: PromptSetConfig | None = None
+    """Harmful prompt + harmful reply pairs for JSR prefills."""
+    utility: PromptSetConfig | None = None
+    """Task prompts with reference answers (e.g. GSM8K test)."""
+    benign: PromptSetConfig | None = None
+    """Benign prompts for over-refusal and drift; default: the utility prompts."""
+    system_prompt: str | None = None
+    """System turn for safety prompts (utility prompts use tokenization.system_prompt and prompt_template)."""
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    jsr_prefill_tokens: int = 3
+    """k: harmful-reply tokens prefilled for JSR."""
+    jsr_prefill_count: Literal["answer_tokens", "reference_encode"] = "answer_tokens"
+    """answer_tokens: k answer tokens, no special tokens. reference_encode: tokenizer.encode(answer)[:k] as the
+    reference harness does (includes BOS for Llama tokenizers, so k - 1 answer tokens)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    seed_model: str | None = None
+    """The model the others are compared with for drift (KL per answer position); default: the first model."""
+    drift_positions: int = 10
+    drift_max_prompts: int = 64
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.jsr_prefill_tokens < 1:
+            raise ConfigError("eval: max_new_tokens, batch_size and jsr_prefill_tokens must be >= 1")
+
+
+@dataclass
 class LookaheadConfig:
     """One run of the workflow."""
 
@@ -231,6 +312,7 @@ class LookaheadConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,67 @@
+"""First-token drift, the mechanism LookAhead Tuning targets: how far a tuned model's next-token distributions
+move from the seed model's over the first answer positions.
+
+For each prompt the seed model answers greedily; both models are then teacher-forced on that answer and we
+take, at each of the first k answer positions, KL(seed || tuned) of the next-token distributions, and the
+tuned model's negative log-likelihood of the seed's token (on harmful prompts: its loss on the seed's refusal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lookahead_ray.eval.generate import greedy_generate, prompt_ids
+
+
+def first_token_drift(seed: Any, tuned: Any, tokenizer: Any, conversations: list[list[dict[str, str]]],
+                      positions: int, device: Any) -> dict[str, list[float]]:
+    """Mean KL(seed || tuned) and tuned NLL of the seed's answer per answer position (index 0 = first token).
+
+    Positions beyond a seed answer's end are averaged over the answers that reach them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    kl_sum, nll_sum, count = [0.0] * positions, [0.0] * positions, [0] * positions
+    for messages in conversations:
+        prompt = prompt_ids(tokenizer, messages)
+        answer = greedy_generate(seed, tokenizer, [prompt], positions, device)[0][:positions]
+        if tokenizer.eos_token_id is not None and len(answer) < positions:
+            answer = answer + [tokenizer.eos_token_id]  # the seed stopped: its EOS is the next answer token
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=device)
+        with torch.no_grad():
+            seed_logp = F.log_softmax(seed(input_ids=ids).logits.float(), dim=-1)[0]
+            tuned_logp = F.log_softmax(tuned(input_ids=ids).logits.float(), dim=-1)[0]
+        for i, token in enumerate(answer):
+            at = len(prompt) - 1 + i  # logits at position t predict token t + 1
+            kl = torch.sum(seed_logp[at].exp() * (seed_logp[at] - tuned_logp[at])).item()
+            kl_sum[i] += max(kl, 0.0)
+            nll_sum[i] -= tuned_logp[at, token].item()
+            count[i] += 1
+    return {"kl": [s / c if c else float("nan") for s, c in zip(kl_sum, count, strict=True)],
+            "nll": [s / c if c else float("nan") for s, c in zip(nll_sum, count, strict=True)],
+            "prompts": [int(c) for c in count]}
+
+
+def plot_drift(drift: dict[str, dict[str, dict[str, list[float]]]], path: str) -> None:
+    """Line plot of KL per answer position: one line per (model, prompt kind)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, kinds in drift.items():
+        for kind, values in kinds.items():
+            ax.plot(range(1, len(values["kl"]) + 1), values["kl"], marker="o",
+                    linestyle="-" if kind == "harmful" else "--", label=f"{model} ({kind})")
+    ax.set_xlabel("answer token position")
+    ax.set_ylabel("KL(seed || model)")
+    ax.set_title("First-token drift from the seed model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
