@@ -108,6 +108,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lookahead_ray.demo.run import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed, m=args.m, virtual_prefix=args.P)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -124,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                           help="a Hugging Face model directory (repeat for several; the first is the drift seed)")
     evaluate.add_argument("--output-dir", help="where results go (same as eval.output_dir=...)")
+    demo = sub.add_parser("demo", help="the whole workflow on a synthetic world, on one CPU machine, with a report")
+    demo.add_argument("--output-dir", default="out/demo", help="where the report goes (default: out/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few minutes instead of about ten (used in CI)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
+    demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
     return parser
 
 
-COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval}
+COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

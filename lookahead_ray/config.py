@@ -52,6 +52,9 @@ class RecordConfig:
     """flat records: the instruction (prompt) field (the reference's --input_field)."""
     answer_field: str = "output"
     """flat records: the answer field (the reference's --output_field)."""
+    answer_prefix_field: str | None = None
+    """Optional field holding the start of the assistant turn that is given, not learned: its tokens follow the
+    prompt with label -100 (e.g. "recovery" examples that begin a harmful reply and then refuse)."""
     messages_field: str = "messages"
     """chat records: the list of {role, content} turns."""
 

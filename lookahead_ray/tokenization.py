@@ -56,6 +56,13 @@ class ExampleTokenizer:
         if not records:
             return []
         prompts = self.tokenizer([self.prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
+        prefix_field = self.schema.cfg.answer_prefix_field
+        if prefix_field:  # a given (masked) start of the assistant turn, tokenized like a JSR prefill
+            prefixes = [r.get(prefix_field) or "" for r in records]
+            if any(not isinstance(p, str) for p in prefixes):
+                raise ValueError(f"records.answer_prefix_field {prefix_field!r} must hold strings")
+            prefix_ids = self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
+            prompts = [p + x for p, x in zip(prompts, prefix_ids, strict=True)]
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
         eos, limit = self.tokenizer.eos_token_id, self.cfg.max_seq_len
         out: list[TokenizedExample | RowError] = []

@@ -120,7 +120,7 @@ def test_eval_runner_writes_results_samples_report_and_plot(ray_local, model_dir
     jsr = [s for s in samples if s["kind"] == "jsr"]
     assert all(s["response"].startswith(s["prefill"]) and s["prefill"] for s in jsr)
     tuned = saved["models"]["tuned"]
-    assert set(tuned["rsr"]) == {"keyword", "keyword@5"} and tuned["rsr"]["keyword"]["n"] == 4
+    assert set(tuned["rsr"]) == {"keyword", "keyword@5", "strict"} and tuned["rsr"]["keyword"]["n"] == 4
     assert set(tuned["rsr"]["keyword"]["per_category"]) == {"cat0", "cat1"}
     rsr = sum(s["judgements"]["keyword"]["safe"] for s in samples if s["model"] == "tuned" and s["kind"] == "rsr") / 4
     assert tuned["rsr"]["keyword"]["safe_rate"] == rsr
