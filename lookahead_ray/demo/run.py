@@ -203,7 +203,9 @@ P = "{demo['virtual_prefix']}"). Configs: `demo_config.yaml`; all numbers: `resu
   the first {len(next(iter(results['models'].values())).get('drift', {}).get('harmful', {}).get('kl', [])) or 8}
   positions.
 - The three fine-tunes share the seed model, hyperparameters, data order and step count; only the data
-  transform differs.
+  transform differs. The seed's alignment corpus includes 200 word problems in the task's format, so the
+  seed already produces the task's answer openings, as a pretrained chat model would; this design choice
+  applies equally to all three fine-tunes.
 
 ## What this demo is and is not
 
