@@ -77,7 +77,16 @@ class PreparedShardsDatasink(Datasink):
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         counts: dict[str, Any] = {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
                                   "reasons": Counter(), "examples": [], "shards": []}
-        writer, path = None, None
+        try:
+            self._write_blocks(blocks, ctx, counts)
+        except BaseException:
+            for name in counts["shards"]:  # no footerless Parquet may reach the published directory
+                Path(self.staging_dir, name).unlink(missing_ok=True)
+            raise
+        return counts
+
+    def _write_blocks(self, blocks: Iterable[Block], ctx: Any, counts: dict[str, Any]) -> None:
+        writer = None
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             counts["read"] += table.num_rows
@@ -101,13 +110,12 @@ class PreparedShardsDatasink(Datasink):
                 flat = pa.compute.list_flatten(kept.column("labels"))
                 counts["answer_tokens"] += pa.compute.sum(pa.compute.not_equal(flat, -100).cast(pa.int64())).as_py() or 0
             if writer is None:
-                path = os.path.join(self.staging_dir, f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet")
-                writer = pq.ParquetWriter(path, kept.schema)
+                name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+                counts["shards"].append(name)
+                writer = pq.ParquetWriter(os.path.join(self.staging_dir, name), kept.schema)
             writer.write_table(kept)
         if writer is not None:
             writer.close()
-            counts["shards"].append(os.path.basename(path))
-        return counts
 
     def on_write_complete(self, write_result: Any) -> None:
         total: dict[str, Any] = {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
@@ -116,7 +124,7 @@ class PreparedShardsDatasink(Datasink):
             for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
                 total[key] += part[key]
             total["reasons"].update(part["reasons"])
-            total["examples"] += part["examples"]
+            total["examples"] += part["examples"][: _MAX_EXAMPLES - len(total["examples"])]
             total["shards"] += part["shards"]
         self.counts = total
 
@@ -173,21 +181,32 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(f"{output}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
-    sink = PreparedShardsDatasink(str(staging), cfg.data.rows_per_shard)
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        row_error = find_row_error(exc)
+        report = _write_and_count(cfg, ds, files, staging, output, start)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing that looks like output
+        row_error = find_row_error(exc) if isinstance(exc, Exception) else None
         if row_error is not None:
             raise row_error.with_traceback(None) from None
         raise
+    if output.exists():
+        shutil.rmtree(output)
+    os.rename(staging, output)
+    return report
+
+
+def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], staging: Path, output: Path,
+                     start: float) -> PrepareReport:
+    sink = PreparedShardsDatasink(str(staging), cfg.data.rows_per_shard)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     counts = sink.counts or {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
                              "reasons": Counter(), "examples": [], "shards": []}
     rejected = sum(counts["reasons"].values())
     if counts["read"] != counts["written"] + rejected:  # the transform must keep one row per input row
         raise RuntimeError(f"row accounting broken: read {counts['read']} != written {counts['written']} "
                            f"+ rejected {rejected}")
+    for stray in set(os.listdir(staging)) - set(counts["shards"]):  # e.g. from a retried write task
+        os.unlink(staging / stray)
     report = PrepareReport(
         output_dir=str(output), input_files=files, rows_read=counts["read"], rows_written=counts["written"],
         rows_truncated=counts["truncated"], rows_rejected=rejected,
@@ -195,9 +214,6 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
         tokens_written=counts["tokens"], answer_tokens_written=counts["answer_tokens"],
         shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3), config=cfg.to_dict())
     (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(staging, output)
     return report
 
 

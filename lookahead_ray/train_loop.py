@@ -135,65 +135,68 @@ def run_loop(loop_config: dict[str, Any], session: TrainSession) -> dict[str, An
             logger.info("rank %d resumed from step %d (epoch %d)", session.world_rank, step, epoch)
 
     writer = _metric_writers(loop_config, cfg) if session.world_rank == 0 else None
-    accumulation, micro_in_step = train.gradient_accumulation_steps, 0
-    step_loss = step_tokens = 0.0
-    probe: dict[str, Any] | None = None
-    started = step_started = time.perf_counter()
-    first_step_seconds = initial_loss = None
-    last_metrics: dict[str, Any] = {}
-    engine.train()
-    while step < total_steps:
-        steps_before_epoch = step
-        for raw in session.batches(train.micro_batch_size):
-            batch = collate(raw, tokenizer.pad_token_id, device)
-            if probe is None:
-                probe = {k: v[:2].clone() for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            step_loss += float(loss.detach())
-            step_tokens += float(batch["attention_mask"].sum())
-            micro_in_step += 1
-            if micro_in_step < accumulation:
-                continue
-            step += 1
-            totals = torch.tensor([step_loss / accumulation, step_tokens], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            now = time.perf_counter()
-            seconds = now - step_started
-            if first_step_seconds is None:
-                first_step_seconds, first_step_done, steps_at_first = now - started, now, step
-            loss_value = float(totals[0]) / session.world_size
-            initial_loss = loss_value if initial_loss is None else initial_loss
-            last_metrics = {"step": step, "epoch": epoch, "loss": loss_value, "initial_loss": initial_loss,
-                            "learning_rate": float(engine.get_lr()[0]), "step_seconds": seconds,
-                            "tokens_per_second": float(totals[1]) / max(seconds, 1e-9),
-                            "setup_seconds": started - entered, "first_step_seconds": first_step_seconds,
-                            "mean_step_seconds": (now - first_step_done) / max(step - steps_at_first, 1),
-                            "resumed_from_step": -1 if resumed_from is None else resumed_from}
-            micro_in_step, step_loss, step_tokens, step_started = 0, 0.0, 0.0, time.perf_counter()
-            if writer is not None:
-                writer(last_metrics)
-            if step >= total_steps:
-                break
-            if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0:
-                with tempfile.TemporaryDirectory() as directory:
-                    _save_state(engine, directory, step, epoch)
-                    session.report(last_metrics, directory)
-            elif step % train.report_every_steps == 0:
-                session.report(last_metrics)
-        else:
-            epoch += 1
-            if step == steps_before_epoch and micro_in_step == 0:
-                raise ValueError(f"the training data yields no micro-batch of {train.micro_batch_size} rows "
-                                 f"on worker {session.world_rank}: too few rows for this batch size")
-    with tempfile.TemporaryDirectory() as directory:
-        _save_state(engine, directory, step, epoch)
-        final = {**last_metrics, "final": True, "train_seconds": time.perf_counter() - started}
-        _export(engine, tokenizer, cfg, directory, probe, session.world_rank, final)
-        session.report(final, directory)
-    if writer is not None:
-        writer(None)
+    try:
+        accumulation, micro_in_step = train.gradient_accumulation_steps, 0
+        step_loss = step_tokens = 0.0
+        probe: dict[str, Any] | None = None
+        started = step_started = time.perf_counter()
+        first_step_seconds = initial_loss = None
+        last_metrics: dict[str, Any] = {}
+        engine.train()
+        while step < total_steps:
+            steps_before_epoch = step
+            for raw in session.batches(train.micro_batch_size):
+                batch = collate(raw, tokenizer.pad_token_id, device)
+                if probe is None:
+                    probe = {k: v[:2].clone() for k, v in batch.items()}
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                step_loss += float(loss.detach())
+                step_tokens += float(batch["attention_mask"].sum())
+                micro_in_step += 1
+                if micro_in_step < accumulation:
+                    continue
+                step += 1
+                totals = torch.tensor([step_loss / accumulation, step_tokens], dtype=torch.float64, device=device)
+                dist.all_reduce(totals)
+                now = time.perf_counter()
+                seconds = now - step_started
+                if first_step_seconds is None:
+                    first_step_seconds, first_step_done, steps_at_first = now - started, now, step
+                loss_value = float(totals[0]) / session.world_size
+                initial_loss = loss_value if initial_loss is None else initial_loss
+                last_metrics = {"step": step, "epoch": epoch, "loss": loss_value, "initial_loss": initial_loss,
+                                "learning_rate": float(engine.get_lr()[0]), "step_seconds": seconds,
+                                "tokens_per_second": float(totals[1]) / max(seconds, 1e-9),
+                                "setup_seconds": started - entered, "first_step_seconds": first_step_seconds,
+                                "mean_step_seconds": (now - first_step_done) / max(step - steps_at_first, 1),
+                                "resumed_from_step": -1 if resumed_from is None else resumed_from}
+                micro_in_step, step_loss, step_tokens = 0, 0.0, 0.0
+                if writer is not None:
+                    writer(last_metrics)
+                if step >= total_steps:
+                    break
+                if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0:
+                    with tempfile.TemporaryDirectory() as directory:
+                        _save_state(engine, directory, step, epoch)
+                        session.report(last_metrics, directory)
+                elif step % train.report_every_steps == 0:
+                    session.report(last_metrics)
+                step_started = time.perf_counter()  # checkpoint and report time is not step time
+            else:
+                epoch += 1
+                if step == steps_before_epoch and micro_in_step == 0:
+                    raise ValueError(f"the training data yields no micro-batch of {train.micro_batch_size} rows "
+                                     f"on worker {session.world_rank}: too few rows for this batch size")
+        with tempfile.TemporaryDirectory() as directory:
+            _save_state(engine, directory, step, epoch)
+            final = {**last_metrics, "final": True, "train_seconds": time.perf_counter() - started}
+            _export(engine, tokenizer, cfg, directory, probe, session.world_rank, final)
+            session.report(final, directory)
+    finally:  # close TensorBoard / MLflow even when training or the export fails
+        if writer is not None:
+            writer(None)
     return final
 
 

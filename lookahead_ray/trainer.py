@@ -39,6 +39,8 @@ def check_training_config(cfg: LookaheadConfig) -> None:
 
     if not cfg.train.output_dir:
         raise ValueError("train.output_dir is not set (use --output-dir DIR)")
+    if not cfg.data.tokenize and not cfg.train.prepared_dir:
+        raise ValueError("training needs token ids: data.tokenize must be true")
     check_model_source(cfg.model)
     if cfg.train.prepared_dir:
         if not list(Path(cfg.train.prepared_dir).glob("*.parquet")):

@@ -85,6 +85,8 @@ def test_parses_scores_retries_and_caches(server, tmp_path, monkeypatch):
     summary = judge_summary(verdicts)
     assert summary["unparseable"] == 1 and summary["safe_rate"] == 0.5 and summary["harmfulness_rate"] == 0.5
     calls = server.calls
+    with open(tmp_path / "cache" / "llm_judge_cache.jsonl", "a") as f:
+        f.write('{"key": "cut short by a kill", "ra')  # an interrupted append must not stop the next run
     again = _judge(server, tmp_path, monkeypatch).judge(ITEMS)  # a new judge reads the on-disk cache
     assert server.calls == calls and [v.score for v in again] == [1, 5, None]
     cache_text = (tmp_path / "cache" / "llm_judge_cache.jsonl").read_text()

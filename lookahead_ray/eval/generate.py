@@ -45,15 +45,17 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention[row, width - len(ids):] = 1
+    # The model's generation config may list several end tokens (e.g. end of turn and end of text).
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else (
+        tokenizer.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     continuations = []
     for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        continuations.append(row)
+        ends = [i for i, token in enumerate(row) if token in eos]
+        continuations.append(row[: ends[0]] if ends else row)
     return continuations
 
 
@@ -84,6 +86,7 @@ class ResponseGenerator:
         batch["prefill"] = np.array([decode(p, skip_special_tokens=True) for p in prefills], dtype=object)
         batch["response"] = np.array([decode(p + c, skip_special_tokens=True)
                                       for p, c in zip(prefills, continuations, strict=True)], dtype=object)
+        batch["continuation"] = np.array([decode(c, skip_special_tokens=True) for c in continuations], dtype=object)
         batch["prefill_ids"] = np.array([json.dumps(p) for p in prefills], dtype=object)
         batch["new_tokens"] = np.array([len(c) for c in continuations])
         return batch

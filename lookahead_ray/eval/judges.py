@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,9 +74,11 @@ class LLMJudge:
         self._cache: dict[str, dict] = {}
         if self._cache_path.exists():
             for line in self._cache_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+                try:
                     entry = json.loads(line)
-                    self._cache[entry["key"]] = entry
+                    self._cache[entry["key"]] = {"key": entry["key"], "raw": entry["raw"]}
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by an interrupted run: that judgement is simply asked again
         self._lock = threading.Lock()
         self.calls = 0
 
@@ -87,8 +89,14 @@ class LLMJudge:
         keys = [self._cache_key(p, r) for p, r in items]
         missing = {k: item for k, item in zip(keys, items, strict=True) if k not in self._cache}
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
-            for key, raw in zip(missing, pool.map(lambda item: self._ask(*item), missing.values()), strict=True):
-                self._remember(key, raw)
+            futures = {pool.submit(self._ask, *item): key for key, item in missing.items()}
+            try:
+                for future in as_completed(futures):  # cache each judgement as soon as it arrives
+                    self._remember(futures[future], future.result())
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
         return [self._parse(self._cache[k]["raw"]) for k in keys]
 
     def _remember(self, key: str, raw: str) -> None:

@@ -29,7 +29,7 @@ def parse_model_args(values: list[str]) -> list[tuple[str, str]]:
     models = []
     for value in values:
         name, sep, directory = value.partition("=")
-        if not sep:
+        if not sep or os.path.isdir(value) or os.sep in name:
             directory = value
             path = Path(value.rstrip("/"))
             name = path.parent.name if path.name == "final" else path.name
@@ -101,7 +101,8 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
                                      ev.cpus_per_actor, ev.gpus_per_actor)
         model_samples = [{"model": name, "kind": r["kind"], "id": r["item"]["id"], "category": r["item"]["category"],
                           "prompt": r["item"]["prompt"], "reference": r["item"]["answer"] if r["kind"] != "jsr" else None,
-                          "prefill": o["prefill"], "response": o["response"], "judgements": {}}
+                          "prefill": o["prefill"], "response": o["response"], "continuation": o["continuation"],
+                          "judgements": {}}
                          for r, o in zip(rows, outputs, strict=True)]
         results["models"][name] = _score(model_samples, judges, sets, cfg)
         samples += model_samples
@@ -128,7 +129,7 @@ def _score(samples: list[dict], judges: list, sets: dict, cfg: LookaheadConfig) 
                 {"safe": v.safe, "category": s["category"]}
                 for s, v in zip(judged, verdicts, strict=True) if v.safe is not None)["per_category"]
             metrics[kind][judge.name] = summary
-        strict = [strict_refusal(s["response"][len(s["prefill"]):]) for s in judged]
+        strict = [strict_refusal(s["continuation"]) for s in judged]
         for sample, verdict in zip(judged, strict, strict=True):
             sample["judgements"]["strict"] = {"safe": verdict, "score": None}
         metrics[kind]["strict"] = {"n": len(strict), "unparseable": 0, "safe_rate": sum(strict) / len(strict),
@@ -170,10 +171,12 @@ def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> d
             continue
         tuned, tuned_tokenizer, _ = load_model_and_tokenizer(directory, device.type)
         if tuned_tokenizer.get_vocab() != tokenizer.get_vocab():
+            del tuned
             logger.warning("drift skipped for %s: its tokenizer differs from the seed model's", name)
             continue
         drift[name] = {kind: first_token_drift(seed, tuned, tokenizer, conv, ev.drift_positions, device)
                        for kind, conv in conversations.items()}
+        del tuned  # one tuned model in memory at a time
     return drift
 
 
