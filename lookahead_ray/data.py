@@ -63,6 +63,12 @@ class PrepareReport:
                 f"({reasons}) in {self.seconds:.1f}s -> {self.output_dir}")
 
 
+def _empty_counts() -> dict[str, Any]:
+    """Per-write-task (and, summed, per-run) row counts by outcome."""
+    return {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
+            "reasons": Counter(), "examples": [], "shards": []}
+
+
 class PreparedShardsDatasink(Datasink):
     """Writes accepted rows as Parquet shards into a staging directory and counts every row by outcome."""
 
@@ -75,8 +81,7 @@ class PreparedShardsDatasink(Datasink):
         return self.rows_per_shard
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
-        counts: dict[str, Any] = {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-                                  "reasons": Counter(), "examples": [], "shards": []}
+        counts = _empty_counts()
         try:
             self._write_blocks(blocks, ctx, counts)
         except BaseException:
@@ -118,8 +123,7 @@ class PreparedShardsDatasink(Datasink):
             writer.close()
 
     def on_write_complete(self, write_result: Any) -> None:
-        total: dict[str, Any] = {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-                                 "reasons": Counter(), "examples": [], "shards": []}
+        total = _empty_counts()
         for part in write_result.write_returns:
             for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
                 total[key] += part[key]
@@ -199,8 +203,7 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
                      start: float) -> PrepareReport:
     sink = PreparedShardsDatasink(str(staging), cfg.data.rows_per_shard)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    counts = sink.counts or {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-                             "reasons": Counter(), "examples": [], "shards": []}
+    counts = sink.counts or _empty_counts()
     rejected = sum(counts["reasons"].values())
     if counts["read"] != counts["written"] + rejected:  # the transform must keep one row per input row
         raise RuntimeError(f"row accounting broken: read {counts['read']} != written {counts['written']} "

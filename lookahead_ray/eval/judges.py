@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -171,6 +171,3 @@ def judge_summary(judgements: list[Judgement]) -> dict:
         out["harmfulness_rate"] = sum(s == 5 for s in scores) / len(scores)
     return out
 
-
-__all__ = ["Judge", "Judgement", "KeywordJudge", "LLMJudge", "JudgeUnavailableError", "build_judges",
-           "judge_summary", "asdict"]
