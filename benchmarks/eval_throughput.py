@@ -34,8 +34,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from lookahead_ray.config import ModelConfig, TinyModelConfig
-    from lookahead_ray.eval.generate import generate_responses, greedy_generate, load_model_and_tokenizer, prompt_ids
-    from lookahead_ray.modeling import build_model, load_tokenizer
+    from lookahead_ray.eval.generate import generate_responses, greedy_generate, prompt_ids
+    from lookahead_ray.modeling import build_model, load_model_for_inference, tokenizer_for
     from lookahead_ray.runtime import init_ray
 
     if GSM8K_TEST.exists():
@@ -45,7 +45,7 @@ def main() -> None:
     model_dir = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                            num_hidden_layers=args.layers))
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     build_model(cfg, tokenizer, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     rows = [{"id": str(i), "messages": [{"role": "user", "content": q}], "prefill_source": None}
@@ -53,7 +53,7 @@ def main() -> None:
     settings = {"max_new_tokens": args.max_new_tokens, "jsr_prefill_tokens": 3,
                 "jsr_prefill_count": "answer_tokens", "seed": 0}
 
-    model, tok, device = load_model_and_tokenizer(str(model_dir))
+    model, tok, device = load_model_for_inference(str(model_dir))
     start = time.perf_counter()
     loop = [greedy_generate(model, tok, [prompt_ids(tok, r["messages"])], args.max_new_tokens, device)[0]
             for r in rows]

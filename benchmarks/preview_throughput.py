@@ -113,7 +113,7 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
         elif variant == "transform":
             from transformers import AutoTokenizer
 
-            from lookahead_ray.preview import AnswerPreviewer
+            from lookahead_ray.data.preview import AnswerPreviewer
 
             answers = [json.loads(line)["answer"] for line in open(src, encoding="utf-8")]
             start = time.perf_counter()
@@ -124,14 +124,14 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
             seconds = time.perf_counter() - start
         elif variant.startswith("preview-w"):
             from lookahead_ray.config import load_config
-            from lookahead_ray.preview_files import run_preview_file
+            from lookahead_ray.data.preview_file import run_preview_file
 
             cfg = load_config(None, ["preview.mode=real", f"model.tokenizer={tok}", "records.instruction_field=question",
                                      "records.answer_field=answer"])
-            from lookahead_ray.modeling import load_tokenizer
+            from lookahead_ray.modeling import tokenizer_for
 
             start = time.perf_counter()
-            tokenizer = load_tokenizer(cfg.model)
+            tokenizer = tokenizer_for(cfg.model)
             load_seconds = time.perf_counter() - start
             run_preview_file(cfg, str(src), str(out), "jsonl", "jsonl", workers=int(variant[-1]), tokenizer=tokenizer)
             seconds = time.perf_counter() - start
@@ -141,7 +141,7 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
             from ray.data import DataContext
 
             from lookahead_ray.config import load_config
-            from lookahead_ray.data import run_prepare
+            from lookahead_ray.data.pipeline import run_prepare
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             DataContext.get_current().enable_progress_bars = False

@@ -44,13 +44,13 @@ def plain_loop(args: argparse.Namespace, out: Path) -> dict:
     """The baseline: torch AdamW on the same model and batches, no DeepSpeed, no Ray."""
     import torch
 
-    from lookahead_ray.modeling import build_model, load_tokenizer
-    from lookahead_ray.train_loop import collate
-    from lookahead_ray.trainer import _load_rows_locally
+    from lookahead_ray.modeling import build_model, tokenizer_for
+    from lookahead_ray.train.driver import _load_rows_locally
+    from lookahead_ray.train.loop import collate
 
     cfg = _config(args, out, 1, True)
     device = torch.device("cuda" if args.gpu else "cpu")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg.model)
     model = build_model(cfg.model, tokenizer, seed=0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
     rows = _load_rows_locally(cfg)
@@ -80,7 +80,7 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     if variant == "plain":
         result = plain_loop(args, out)
     elif variant == "deepspeed-local":
-        from lookahead_ray.trainer import run_training_local
+        from lookahead_ray.train.driver import run_training_local
 
         metrics = run_training_local(_config(args, out, 1, True)).metrics
         result = {k: metrics[k] for k in ("mean_step_seconds", "exported_parameters")}
@@ -88,7 +88,7 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         from lookahead_ray.runtime import init_ray
-        from lookahead_ray.trainer import run_training
+        from lookahead_ray.train.driver import run_training
 
         init_ray(num_cpus=None if args.gpu else 2, log_to_driver=False)
         workers = int(variant[-1])

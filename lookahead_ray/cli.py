@@ -1,7 +1,9 @@
 """``lookahead-ray``: one entry point, one subcommand per pipeline stage.
 
 Every subcommand is ``load_config -> library function(cfg)``; tests call the library functions directly.
-Config subcommands take ``--config FILE`` plus ``dotted.key=value`` overrides.
+Config subcommands take ``--config FILE`` plus ``dotted.key=value`` overrides. A :class:`LookaheadError` (or a
+missing file) is the user's to fix: one line on stderr, exit 2. Anything else is a bug and keeps its
+traceback; ``-v`` shows the traceback always.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from dataclasses import replace
 
-from lookahead_ray.config import ConfigError, LookaheadConfig, load_config
-from lookahead_ray.eval.judges import JudgeUnavailableError
-from lookahead_ray.records import RowError
+from lookahead_ray.config import LookaheadConfig, load_config
+from lookahead_ray.errors import ConfigError, LookaheadError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +65,7 @@ def _preview_config(args: argparse.Namespace) -> LookaheadConfig:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from lookahead_ray.preview_files import run_preview_file
+    from lookahead_ray.data.preview_file import run_preview_file
 
     cfg = _preview_config(args)
     stats = run_preview_file(cfg, args.input_file, args.output_file, args.input_format, args.output_format,
@@ -74,7 +76,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from lookahead_ray.data import run_prepare
+    from lookahead_ray.data.pipeline import run_prepare
     from lookahead_ray.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides)
@@ -85,7 +87,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lookahead_ray.trainer import run_training, run_training_local
+    from lookahead_ray.train.driver import run_training, run_training_local
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.config, overrides)
@@ -98,13 +100,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lookahead_ray.eval.runner import parse_model_args, report_table, run_eval
+    from lookahead_ray.eval.report import report_table
+    from lookahead_ray.eval.runner import parse_model_args, run_eval
 
     overrides = list(args.overrides) + ([f"eval.output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.config, overrides)
     results = run_eval(cfg, parse_model_args(args.model))
     print(report_table(results))
-    print(f"eval: results.json, samples.jsonl and report.md in {cfg.eval.output_dir}")
+    print(f"eval: results.json, samples.jsonl and report.md in {cfg.stage_dir('eval')}")
     return 0
 
 
@@ -150,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, RowError, FileNotFoundError, ValueError, OSError, JudgeUnavailableError) as exc:
-        print(f"lookahead-ray {args.command}: error: {exc}", file=sys.stderr)
+    except (LookaheadError, FileNotFoundError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        config = getattr(args, "config", None)
+        where = f"{config}: " if isinstance(exc, ConfigError) and config and config not in str(exc) else ""
+        print(f"lookahead-ray {args.command}: error: {where}{exc}", file=sys.stderr)
         return 2
 
 

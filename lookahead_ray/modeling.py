@@ -1,5 +1,6 @@
-"""Loading Hugging Face tokenizers (and, for tests and the demo, building a tiny one locally).
+"""Every Hugging Face load in one place: tokenizers and models for training, evaluation and the export check.
 
+``model.trust_remote_code`` and ``model.chat_template`` are honoured here, once, for every caller.
 ``model.tokenizer: builtin:tiny`` builds a small byte-level BPE tokenizer with a chat template from text
 embedded here, so the default run and the tests need no downloads. It is cached on disk, keyed by a hash of
 everything that defines it, so every process (driver, Ray Data actors, Ray Train workers) loads the same one.
@@ -10,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lookahead_ray.config import ModelConfig
+from lookahead_ray.errors import ConfigError, ModelLoadError
+from lookahead_ray.fsio import cache_root, publish_dir, staging_path
 
 BUILTIN_TINY = "builtin:tiny"
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -44,10 +45,6 @@ The total is 3 + 4 = 7, so the answer is 7. Then 10 * 2 = 20 and 20 - 5 = 15 and
 """
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LOOKAHEAD_RAY_CACHE", Path.home() / ".cache" / "lookahead_ray"))
-
-
 def build_tiny_tokenizer(directory: str | Path, corpus: str = _TINY_CORPUS, vocab_size: int = 512) -> Path:
     """Train a byte-level BPE tokenizer on ``corpus`` and save it (with a chat template) to ``directory``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,15 +66,12 @@ def build_tiny_tokenizer(directory: str | Path, corpus: str = _TINY_CORPUS, voca
 def tiny_tokenizer_dir(corpus: str = _TINY_CORPUS, vocab_size: int = 512) -> Path:
     """The cached builtin tokenizer directory, built once (atomically, so concurrent processes agree)."""
     key = hashlib.sha256(json.dumps([corpus, vocab_size, TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS]).encode())
-    target = _cache_root() / "tokenizers" / f"tiny-{key.hexdigest()[:12]}"
+    target = cache_root() / "tokenizers" / f"tiny-{key.hexdigest()[:12]}"
     if not (target / "tokenizer.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+        staging = staging_path(target)
         build_tiny_tokenizer(staging, corpus, vocab_size)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
+        publish_dir(staging, target, replace=False)  # another process may have won the race: same content
     return target
 
 
@@ -85,37 +79,65 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
     return str(tiny_tokenizer_dir()) if name_or_path == BUILTIN_TINY else name_or_path
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """Load the configured tokenizer with ``AutoTokenizer`` (as the reference does); pad defaults to EOS."""
+def load_tokenizer(source: str, *, trust_remote_code: bool = False, chat_template: str | None = None,
+                   padding_side: str | None = None) -> Any:
+    """``AutoTokenizer`` (as the reference does) from a directory, a Hub id or ``builtin:tiny``.
+
+    ``chat_template`` replaces the tokenizer's own; pad defaults to EOS.
+
+    Raises:
+        ModelLoadError: the tokenizer cannot be loaded (message names the source).
+    """
     from transformers import AutoTokenizer
 
-    path = resolve_tokenizer_path(cfg.tokenizer)
+    kwargs = {"padding_side": padding_side} if padding_side else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(source), trust_remote_code=trust_remote_code,
+                                                  **kwargs)
     except Exception as exc:
-        raise OSError(f"cannot load tokenizer from {cfg.tokenizer!r}: {exc}") from exc
-    if cfg.chat_template is not None:
-        tokenizer.chat_template = cfg.chat_template
+        raise ModelLoadError(f"cannot load tokenizer from {source!r}: {exc}") from exc
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_for(cfg: ModelConfig, padding_side: str | None = None) -> Any:
+    """The tokenizer ``model`` configures (``model.tokenizer`` with its trust and chat-template settings)."""
+    return load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
+                          padding_side=padding_side)
 
 
 def check_model_source(cfg: ModelConfig) -> None:
     """Fail early (before any Ray work) on a model that cannot be loaded.
 
     Raises:
-        ValueError: neither or both of ``model.name_or_path`` and ``model.tiny`` are set.
+        ConfigError: neither or both of ``model.name_or_path`` and ``model.tiny`` are set.
         FileNotFoundError: ``model.name_or_path`` looks like a local path and does not exist.
     """
     if (cfg.name_or_path is None) == (cfg.tiny is None):
-        raise ValueError("set exactly one of model.name_or_path (a directory or Hub id) and model.tiny")
+        raise ConfigError("model: set exactly one of model.name_or_path (a directory or Hub id) and model.tiny")
     path = cfg.name_or_path
     if path is None:
         return
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or not _HUB_ID.fullmatch(path)
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model.name_or_path: {path} is not a model directory (nor a Hub id like org/name)")
+
+
+def torch_dtype(precision: str | None) -> Any:
+    """torch dtype of a precision name ("bf16", "fp32"); None keeps the checkpoint's own dtype."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+
+
+def load_pretrained_model(path: str, *, precision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` in the given precision."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code)
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) -> Any:
@@ -131,3 +153,21 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) 
         return LlamaForCausalLM(config).to(dtype or torch.float32)
     return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype,
                                                 trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None,
+                             device: str | None = None) -> tuple[Any, Any, Any]:
+    """A model for generation (bf16 on GPU, fp32 on CPU), its tokenizer with left padding, and the device.
+
+    ``cfg`` supplies ``trust_remote_code`` and ``chat_template`` (its ``tokenizer`` is ignored: a model
+    directory ships its own).
+    """
+    import torch
+
+    cfg = cfg or ModelConfig()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
+                               padding_side="left")
+    model = load_pretrained_model(model_dir, precision="bf16" if device == "cuda" else "fp32",
+                                  trust_remote_code=cfg.trust_remote_code)
+    return model.to(device).eval(), tokenizer, torch.device(device)

@@ -26,9 +26,9 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from lookahead_ray.config import ModelConfig
-    from lookahead_ray.modeling import load_tokenizer
+    from lookahead_ray.modeling import tokenizer_for
 
-    return load_tokenizer(ModelConfig(tokenizer="builtin:tiny"))
+    return tokenizer_for(ModelConfig(tokenizer="builtin:tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lookahead_ray.config import ConfigError, LookaheadConfig, load_config
+from lookahead_ray.config import ConfigError, LookaheadConfig, apply_overrides, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -50,3 +50,33 @@ def test_bad_override_is_rejected():
         load_config(None, ["preview.m=3"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["preview.mode"])
+
+
+def test_apply_overrides_takes_typed_values_and_validates_again():
+    cfg = apply_overrides(LookaheadConfig(), {"preview.mode": "virtual", "train.learning_rate": 1e-4,
+                                              "model.tiny.hidden_size": 32, "data.inputs": ["a.jsonl"]})
+    assert (cfg.preview.mode, cfg.train.learning_rate, cfg.model.tiny.hidden_size) == ("virtual", 1e-4, 32)
+    assert LookaheadConfig().preview.mode == "real"  # the input config is not modified
+    with pytest.raises(ConfigError, match="<overrides>: preview.num_answer_tokens must be int"):
+        apply_overrides(cfg, {"preview.num_answer_tokens": "six"})
+    with pytest.raises(ConfigError, match="num_answer_tokens must be >= 0"):
+        apply_overrides(cfg, {"preview.num_answer_tokens": -1})
+    with pytest.raises(ConfigError, match="unknown key train.lr"):
+        apply_overrides(cfg, {"train.lr": 1e-4})
+
+
+def test_base_include_merges_sections_and_the_variant_wins(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text("train:\n  learning_rate: 1.0e-5\n  epochs: 3\npreview:\n  mode: real\n")
+    (tmp_path / "v.yaml").write_text("base: base/b.yaml\npreview:\n  mode: virtual\ntrain:\n  epochs: 1\n")
+    cfg = load_config(tmp_path / "v.yaml", ["train.seed=7"])
+    assert (cfg.preview.mode, cfg.train.learning_rate, cfg.train.epochs, cfg.train.seed) == ("virtual", 1e-5, 1, 7)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_one_run_directory_drives_every_stage_unless_a_stage_names_its_own():
+    cfg = load_config(None, ["output_dir=/runs/trial_1", "eval.output_dir=/elsewhere"])
+    assert cfg.stage_dir("prepare") == "/runs/trial_1/prepared" and cfg.stage_dir("train") == "/runs/trial_1/train"
+    assert cfg.stage_dir("eval") == "/elsewhere" and LookaheadConfig().stage_dir("train") is None

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lookahead_ray.config import DataConfig, LookaheadConfig, ModelConfig, PreviewConfig, RecordConfig
-from lookahead_ray.data import build_training_dataset, read_report, run_prepare
-from lookahead_ray.records import RowError
-from lookahead_ray.tokenization import IGNORE_INDEX
+from lookahead_ray.data.pipeline import build_training_dataset, read_report, run_prepare
+from lookahead_ray.data.tokenization import IGNORE_INDEX
+from lookahead_ray.errors import RowError
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 C = " The answer begins with: "
@@ -130,7 +130,7 @@ def test_missing_inputs_fail_before_ray_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         run_prepare(_cfg(tmp_path, [str(tmp_path / "nope*.jsonl")]))
     (tmp_path / "broken.json").write_text('[{"input": "a", "output": "b"},')
-    with pytest.raises(Exception, match="broken.json"):
+    with pytest.raises(RowError, match="broken.json"):
         run_prepare(_cfg(tmp_path, [str(tmp_path / "broken.json")]))
 
 

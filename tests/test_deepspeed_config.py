@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lookahead_ray.config import TrainConfig
-from lookahead_ray.deepspeed_config import build_deepspeed_config
+from lookahead_ray.train.deepspeed_config import build_deepspeed_config
 
 
 def test_batch_sizes_are_explicit_and_consistent():

@@ -31,7 +31,8 @@ def test_world_is_deterministic_and_changes_with_the_seed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, monkeypatch):
-    from lookahead_ray.demo.run import table_rows
+    from lookahead_ray.demo.run import SAFETY_COLUMNS
+    from lookahead_ray.eval.report import results_table
 
     monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(tmp_path / "cache"))
     from lookahead_ray.demo.run import run_demo
@@ -45,7 +46,7 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
         assert (out / name).stat().st_size > 0
     # The table in the report is exactly the one formatted from results.json, row by row.
     table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert table == ["| " + " | ".join(row) + " |" for row in table_rows(saved)]
+    assert table == ["| " + " | ".join(row) + " |" for row in results_table(saved, SAFETY_COLUMNS)[1]]
     numbers = {n for line in table for n in re.findall(r"\d+\.\d+", line)}
     assert len(numbers) > 4
     assert saved["demo"]["seed"] == 3 and results["demo"]["quick"] is True

@@ -47,11 +47,12 @@ def _rows(prefill: bool) -> list[dict]:
 
 
 def test_batched_ray_generation_equals_one_by_one_greedy(ray_local, model_dirs):
-    from lookahead_ray.eval.generate import generate_responses, greedy_generate, load_model_and_tokenizer, prompt_ids
+    from lookahead_ray.eval.generate import generate_responses, greedy_generate, prompt_ids
+    from lookahead_ray.modeling import load_model_for_inference
 
     rows = _rows(prefill=False)
     batched = generate_responses(model_dirs["seed"], rows, SETTINGS, batch_size=4)
-    model, tokenizer, device = load_model_and_tokenizer(model_dirs["seed"])
+    model, tokenizer, device = load_model_for_inference(model_dirs["seed"])
     for row, out in zip(rows, batched, strict=True):
         (single,) = greedy_generate(model, tokenizer, [prompt_ids(tokenizer, row["messages"])], 12, device)
         assert out["response"] == tokenizer.decode(single, skip_special_tokens=True)
@@ -59,11 +60,12 @@ def test_batched_ray_generation_equals_one_by_one_greedy(ray_local, model_dirs):
 
 
 def test_jsr_prefill_is_exactly_the_configured_tokens_and_generation_continues(ray_local, model_dirs):
-    from lookahead_ray.eval.generate import generate_responses, greedy_generate, load_model_and_tokenizer, prompt_ids
+    from lookahead_ray.eval.generate import generate_responses, greedy_generate, prompt_ids
+    from lookahead_ray.modeling import load_model_for_inference
 
     rows = _rows(prefill=True)
     outputs = generate_responses(model_dirs["seed"], rows, SETTINGS, batch_size=2)
-    model, tokenizer, device = load_model_and_tokenizer(model_dirs["seed"])
+    model, tokenizer, device = load_model_for_inference(model_dirs["seed"])
     for row, out in zip(rows, outputs, strict=True):
         expected = tokenizer(row["prefill_source"], add_special_tokens=False)["input_ids"][:3]
         assert json.loads(out["prefill_ids"]) == expected
@@ -76,10 +78,10 @@ def test_jsr_prefill_is_exactly_the_configured_tokens_and_generation_continues(r
 
 def test_drift_is_zero_for_identical_models_and_positive_after_a_step(model_dirs):
     from lookahead_ray.eval.drift import first_token_drift
-    from lookahead_ray.eval.generate import load_model_and_tokenizer
+    from lookahead_ray.modeling import load_model_for_inference
 
-    seed, tokenizer, device = load_model_and_tokenizer(model_dirs["seed"])
-    tuned, _, _ = load_model_and_tokenizer(model_dirs["tuned"])
+    seed, tokenizer, device = load_model_for_inference(model_dirs["seed"])
+    tuned, _, _ = load_model_for_inference(model_dirs["tuned"])
     conversations = [[{"role": "user", "content": p}] for p in HARMFUL]
     same = first_token_drift(seed, seed, tokenizer, conversations, 5, device)
     assert all(abs(x) < 1e-6 for x in same["kl"]) and same["prompts"] == [4] * 5
@@ -130,8 +132,8 @@ def test_eval_runner_writes_results_samples_report_and_plot(ray_local, model_dir
 
 
 def test_bad_eval_inputs_fail_before_generation(tmp_path, model_dirs):
+    from lookahead_ray.errors import RowError
     from lookahead_ray.eval.runner import run_eval
-    from lookahead_ray.records import RowError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "ok"}) + "\n" + json.dumps({"prompt": "no instruction"}) + "\n")

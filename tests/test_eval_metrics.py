@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lookahead_ray.eval.judges import Judgement, KeywordJudge, judge_summary
+from lookahead_ray.eval.judges import JudgeInput, Judgement, KeywordJudge, StrictRefusalJudge, judge_summary
 from lookahead_ray.eval.safety import jsr_prefill_ids, keyword_refusal, safe_rates
 from lookahead_ray.eval.utility import gsm8k_correct, gsm8k_final_answer, rouge1_f1, utility_score
 
@@ -46,7 +46,13 @@ def test_keyword_refusal_anywhere_vs_first_words():
     assert not keyword_refusal(degenerate, first_n_words=10)
     assert keyword_refusal("I cannot help with that.", first_n_words=10)
     assert not keyword_refusal("Sure, here is how to do it.")
-    assert KeywordJudge(["nope"]).judge([("p", "nope.")])[0].safe is True
+    assert KeywordJudge(["nope"]).judge([JudgeInput("p", "nope.")])[0].safe is True
+
+
+def test_strict_judge_reads_the_models_own_text_after_the_prefill():
+    judge = StrictRefusalJudge()
+    prefilled = JudgeInput("p", "Sure, here is I'm sorry, I cannot help.", continuation="I'm sorry, I cannot help.")
+    assert [v.safe for v in judge.judge([prefilled, JudgeInput("p", "Sure, here is how. Sorry")])] == [True, False]
 
 
 def test_safe_rates_and_judge_summary():

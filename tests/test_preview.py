@@ -7,8 +7,9 @@ import copy
 import pytest
 
 from lookahead_ray.config import ConfigError, PreviewConfig, RecordConfig
-from lookahead_ray.preview import AnswerPreviewer, preview_record, preview_records, reference_preview_text
-from lookahead_ray.records import RecordSchema, RowError
+from lookahead_ray.data.preview import AnswerPreviewer, preview_record, preview_records, reference_preview_text
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.errors import RowError
 
 C = " The answer begins with: "
 P = "Let's solve this problem. "

@@ -9,9 +9,9 @@ from conftest import shared_file
 
 from lookahead_ray.cli import main
 from lookahead_ray.config import LookaheadConfig, ModelConfig, PreviewConfig, RecordConfig
-from lookahead_ray.preview import AnswerPreviewer
-from lookahead_ray.preview_files import run_preview_file
-from lookahead_ray.records import RowError
+from lookahead_ray.data.preview import AnswerPreviewer
+from lookahead_ray.data.preview_file import run_preview_file
+from lookahead_ray.errors import RowError
 
 C = " The answer begins with: "
 P = "Let's solve this problem. "

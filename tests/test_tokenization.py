@@ -8,9 +8,10 @@ import pytest
 from conftest import shared_file
 
 from lookahead_ray.config import PreviewConfig, RecordConfig, TokenizationConfig
-from lookahead_ray.preview import preview_records
-from lookahead_ray.records import RecordSchema, RowError
-from lookahead_ray.tokenization import IGNORE_INDEX, ExampleTokenizer
+from lookahead_ray.data.preview import preview_records
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.data.tokenization import IGNORE_INDEX, ExampleTokenizer
+from lookahead_ray.errors import RowError
 
 # The Llama-2-chat template as shipped in its tokenizer_config.json (alternation checks left out).
 LLAMA2_CHAT_TEMPLATE = (

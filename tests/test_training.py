@@ -55,7 +55,7 @@ def _check_export(result, precision: str) -> None:
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
 def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_path, stage, precision):
-    from lookahead_ray.trainer import run_training
+    from lookahead_ray.train.driver import run_training
 
     result = run_training(_cfg(tmp_path, f"train.zero_stage={stage}", f"train.precision={precision}"))
     metrics = result.metrics
@@ -72,7 +72,7 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
 def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tmp_path):
     import psutil
 
-    from lookahead_ray.trainer import run_training
+    from lookahead_ray.train.driver import run_training
 
     cfg = _cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every_steps=5", "train.report_every_steps=5",
                "train.max_failures=2", "train.run_name=killed")
@@ -108,7 +108,7 @@ def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tm
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_finished_run_resumes_into_a_longer_run(ray_local, tmp_path):
-    from lookahead_ray.trainer import run_training, run_training_local
+    from lookahead_ray.train.driver import run_training, run_training_local
 
     first = run_training_local(_cfg(tmp_path, "train.max_steps=8", "train.run_name=short"))
     assert first.metrics["step"] == 8
@@ -126,7 +126,7 @@ def test_single_process_path_trains_without_ray(tmp_path):
     # `sys.modules["ray"] = None` makes any `import ray` fail: the local path must not need Ray.
     code = ("import json, sys; sys.modules['ray'] = None\n"
             "from lookahead_ray.config import LookaheadConfig\n"
-            "from lookahead_ray.trainer import run_training_local\n"
+            "from lookahead_ray.train.driver import run_training_local\n"
             f"r = run_training_local(LookaheadConfig.from_dict(json.load(open({str(cfg_file)!r}))))\n"
             "print(json.dumps(r.metrics))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280, cwd=REPO)
@@ -141,11 +141,11 @@ def test_first_answer_token_is_in_the_loss_and_prompt_tokens_are_not(tiny_tokeni
     import pyarrow as pa
     import torch
 
+    from lookahead_ray.data.readers import READ_SCHEMA
+    from lookahead_ray.data.tokenization import IGNORE_INDEX
+    from lookahead_ray.data.transform import PrepareRecords
     from lookahead_ray.modeling import build_model
-    from lookahead_ray.record_files import READ_SCHEMA
-    from lookahead_ray.tokenization import IGNORE_INDEX
-    from lookahead_ray.train_loop import collate
-    from lookahead_ray.transform import PrepareRecords
+    from lookahead_ray.train.loop import collate
 
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml")
     rows = [json.dumps({"input": "What is 2 plus 2?", "output": "2 plus 2 is 4."}),
@@ -199,7 +199,7 @@ def test_bad_training_config_fails_before_ray(override, message):
 
 
 def test_missing_model_path_fails_before_ray(tmp_path):
-    from lookahead_ray.trainer import run_training
+    from lookahead_ray.train.driver import run_training
 
     cfg = _cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'no-such-model'}")
     with pytest.raises(FileNotFoundError, match="no-such-model"):

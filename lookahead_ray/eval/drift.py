@@ -43,25 +43,3 @@ def first_token_drift(seed: Any, tuned: Any, tokenizer: Any, conversations: list
     return {"kl": [s / c if c else float("nan") for s, c in zip(kl_sum, count, strict=True)],
             "nll": [s / c if c else float("nan") for s, c in zip(nll_sum, count, strict=True)],
             "prompts": [int(c) for c in count]}
-
-
-def plot_drift(drift: dict[str, dict[str, dict[str, list[float]]]], path: str) -> None:
-    """Line plot of KL per answer position: one line per (model, prompt kind)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for model, kinds in drift.items():
-        for kind, values in kinds.items():
-            ax.plot(range(1, len(values["kl"]) + 1), values["kl"], marker="o",
-                    linestyle="-" if kind == "harmful" else "--", label=f"{model} ({kind})")
-    ax.set_xlabel("answer token position")
-    ax.set_ylabel("KL(seed || model)")
-    ax.set_title("First-token drift from the seed model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -12,26 +12,12 @@ from typing import Any
 import numpy as np
 
 from lookahead_ray.eval.safety import jsr_prefill_ids
-
-
-def load_model_and_tokenizer(model_dir: str, device: str | None = None) -> tuple[Any, Any, Any]:
-    """A model for inference (bf16 on GPU, fp32 on CPU) and its tokenizer with left padding."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, tokenizer, torch.device(device)
+from lookahead_ray.prompts import render_prompt
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], prefill: list[int] | None = None) -> list[int]:
     """Chat-template prompt with the generation header, then the prefill ids (if any)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + list(prefill or [])
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"] + list(prefill or [])
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
@@ -65,8 +51,13 @@ class ResponseGenerator:
     def __init__(self, model_dir: str, settings: dict[str, Any]):
         import torch
 
+        from lookahead_ray.config import ModelConfig
+        from lookahead_ray.modeling import load_model_for_inference
+
         torch.manual_seed(settings.get("seed", 0))
-        self.model, self.tokenizer, self.device = load_model_and_tokenizer(model_dir)
+        model_cfg = ModelConfig(trust_remote_code=settings.get("trust_remote_code", False),
+                                chat_template=settings.get("chat_template"))
+        self.model, self.tokenizer, self.device = load_model_for_inference(model_dir, model_cfg)
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

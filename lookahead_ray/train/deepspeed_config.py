@@ -1,7 +1,7 @@
 """The DeepSpeed config, built by one pure function from the typed train config.
 
 Pure module: no ray / torch / deepspeed imports, so it is testable and inspectable anywhere
-(``python -c "from lookahead_ray.deepspeed_config import ..."``).
+(``python -c "from lookahead_ray.train.deepspeed_config import ..."``).
 """
 
 from __future__ import annotations

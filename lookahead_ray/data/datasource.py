@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from lookahead_ray.record_files import RowReader, file_format
+from lookahead_ray.data.readers import RowReader, file_format
 
 
 class RecordFileDatasource(FileBasedDatasource):

@@ -13,8 +13,9 @@ from typing import Any
 import pyarrow as pa
 
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.preview import AnswerPreviewer, preview_records
-from lookahead_ray.records import RecordSchema, RowError
+from lookahead_ray.data.preview import AnswerPreviewer, preview_records
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.errors import RowError
 
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
@@ -23,15 +24,15 @@ class PrepareRecords:
     """Ray Data callable class: the tokenizer is loaded once per actor, then batches stream through."""
 
     def __init__(self, cfg_dict: dict[str, Any], accepted_tokens_only: bool = False):
-        from lookahead_ray.modeling import load_tokenizer
-        from lookahead_ray.tokenization import ExampleTokenizer
+        from lookahead_ray.data.tokenization import ExampleTokenizer
+        from lookahead_ray.modeling import tokenizer_for
 
         self.cfg = LookaheadConfig.from_dict(cfg_dict)
         # For training: drop rejected rows and keep only the token columns, in this same pass.
         self.accepted_tokens_only = accepted_tokens_only
         self.schema = RecordSchema(self.cfg.records)
         needs_tokenizer = self.cfg.data.tokenize or self.cfg.preview.mode == "real"
-        tokenizer = load_tokenizer(self.cfg.model) if needs_tokenizer else None
+        tokenizer = tokenizer_for(self.cfg.model) if needs_tokenizer else None
         self.previewer = (AnswerPreviewer(tokenizer, self.cfg.preview.num_answer_tokens, self.cfg.preview.exact_span)
                           if self.cfg.preview.mode == "real" else None)
         self.encoder = ExampleTokenizer(tokenizer, self.cfg.tokenization, self.schema) if self.cfg.data.tokenize else None

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lookahead_ray.config import TokenizationConfig
-from lookahead_ray.records import RecordSchema, RowError
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.errors import ConfigError, RowError
+from lookahead_ray.prompts import prompt_messages, render_prompt
 
 IGNORE_INDEX = -100
 
@@ -32,20 +34,17 @@ class ExampleTokenizer:
 
     def __init__(self, tokenizer: Any, cfg: TokenizationConfig, schema: RecordSchema):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                             "set model.chat_template in the config")
+            raise ConfigError(f"model.tokenizer: {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+                              "set model.chat_template in the config")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; answers must end with one")
+            raise ConfigError("model.tokenizer: the tokenizer has no EOS token; answers must end with one")
         self.tokenizer, self.cfg, self.schema = tokenizer, cfg, schema
 
     def prompt_text(self, record: dict) -> str:
         """The rendered prompt: system turn, conversation, and the assistant generation header."""
-        messages = self.schema.prompt_messages(record)
-        last = messages[-1]
-        messages[-1] = {**last, "content": self.cfg.prompt_template.replace("{instruction}", last["content"])}
-        if self.cfg.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = prompt_messages(self.schema.prompt_messages(record), self.cfg.system_prompt,
+                                   self.cfg.prompt_template)
+        return render_prompt(self.tokenizer, messages)
 
     def encode_many(self, records: list[dict], answers: list[str]) -> list[TokenizedExample | RowError]:
         """Tokenize records whose (previewed) answers are ``answers``.
@@ -60,7 +59,7 @@ class ExampleTokenizer:
         if prefix_field:  # a given (masked) start of the assistant turn, tokenized like a JSR prefill
             prefixes = [r.get(prefix_field) or "" for r in records]
             if any(not isinstance(p, str) for p in prefixes):
-                raise ValueError(f"records.answer_prefix_field {prefix_field!r} must hold strings")
+                raise ConfigError(f"records.answer_prefix_field: field {prefix_field!r} must hold strings")
             prefix_ids = self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
             prompts = [p + x for p, x in zip(prompts, prefix_ids, strict=True)]
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lookahead_ray.config import PromptSetConfig
-from lookahead_ray.records import RowError
+from lookahead_ray.errors import RowError
 
 
 def _field(record: dict, name: str, path: str, row: int, required: bool = True) -> str | None:

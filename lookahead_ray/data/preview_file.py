@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,8 +18,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.preview import AnswerPreviewer, preview_records
-from lookahead_ray.records import RecordSchema, RowError
+from lookahead_ray.data.preview import AnswerPreviewer, preview_records
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.errors import RowError
+from lookahead_ray.fsio import atomic_file
 
 CHUNK_ROWS = 4096
 
@@ -128,26 +129,6 @@ def _run_chunk(chunk: tuple[list[int], list[Any]]) -> tuple[int, str | list[dict
     return _worker(chunk)
 
 
-class _AtomicOutput:
-    """Writes to a temporary file next to the target and renames it only when everything succeeded."""
-
-    def __init__(self, path: str, binary: bool = False):
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        self.file: IO = os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8")
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
 def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, input_format: str,
                      output_format: str, workers: int = 1, tokenizer: Any = None) -> PreviewFileStats:
     """Preview every record of ``input_file`` into ``output_file``.
@@ -167,29 +148,23 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
     readers = {"jsonl": _read_jsonl_chunks, "json": _read_json_chunks, "parquet": _read_parquet_chunks}
     chunks = readers[input_format](input_file)
     if cfg.preview.mode == "real" and tokenizer is None:
-        from lookahead_ray.modeling import load_tokenizer
+        from lookahead_ray.modeling import tokenizer_for
 
         # Loaded once here and pickled to any worker processes: loading a SentencePiece model converts it
         # to a fast tokenizer, which takes seconds and would otherwise be repeated in every process.
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = tokenizer_for(cfg.model)
     args = (cfg, input_format, output_format, input_file, tokenizer)
-    out = _AtomicOutput(output_file, binary=output_format == "parquet")
-    rows = 0
-    try:
+    with atomic_file(output_file, binary=output_format == "parquet") as out:
         if workers > 1:
             pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args)
             results = _ordered_bounded_map(pool, chunks, window=2 * workers)
         else:
             pool, results = None, map(_ChunkWorker(*args), chunks)
         try:
-            rows = _write(out.file, output_format, results)
+            rows = _write(out, output_format, results)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
     return PreviewFileStats(rows, input_file, output_file)
 
 
@@ -228,6 +203,6 @@ def _write(f: IO, output_format: str, results: Iterator[Any]) -> int:
             writer = writer or pq.ParquetWriter(f, table.schema)
             writer.write_table(table.cast(writer.schema))
         if writer is None:
-            raise ValueError("parquet output needs at least one record (no schema to write)")
+            raise RowError("empty_dataset", None, "parquet output needs at least one record (no schema to write)")
         writer.close()
     return rows

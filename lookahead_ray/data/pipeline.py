@@ -29,10 +29,12 @@ from ray.data.block import Block
 from ray.data.datasource import Datasink
 
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.record_files import expand_inputs
-from lookahead_ray.records import RowError
-from lookahead_ray.sources import RecordFileDatasource
-from lookahead_ray.transform import PrepareRecords
+from lookahead_ray.data.datasource import RecordFileDatasource
+from lookahead_ray.data.readers import expand_inputs
+from lookahead_ray.data.tokenization import IGNORE_INDEX
+from lookahead_ray.data.transform import PrepareRecords
+from lookahead_ray.errors import ConfigError, RowError
+from lookahead_ray.fsio import publish_dir, staging_path
 
 REPORT_NAME = "prepare_report.json"
 _MAX_EXAMPLES = 20
@@ -113,7 +115,8 @@ class PreparedShardsDatasink(Datasink):
                 lengths = pa.compute.list_value_length(kept.column("input_ids"))
                 counts["tokens"] += pa.compute.sum(lengths).as_py() or 0
                 flat = pa.compute.list_flatten(kept.column("labels"))
-                counts["answer_tokens"] += pa.compute.sum(pa.compute.not_equal(flat, -100).cast(pa.int64())).as_py() or 0
+                answer = pa.compute.not_equal(flat, IGNORE_INDEX).cast(pa.int64())
+                counts["answer_tokens"] += pa.compute.sum(answer).as_py() or 0
             if writer is None:
                 name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
                 counts["shards"].append(name)
@@ -151,7 +154,7 @@ def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False
 def build_training_dataset(cfg: LookaheadConfig) -> Dataset:
     """The prepared examples as a stream for Ray Train (rejected rows removed, token columns only)."""
     if not cfg.data.tokenize:
-        raise ValueError("training needs token ids: data.tokenize must be true")
+        raise ConfigError("data.tokenize: training needs token ids, so it must be true")
     return transformed_dataset(cfg, accepted_tokens_only=True)[0]
 
 
@@ -175,15 +178,15 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
 
     Raises:
         RowError: a bad row with ``on_error: fail``; names file, row and field.
-        ValueError / FileNotFoundError: bad config or inputs, before any Ray work.
+        ConfigError / FileNotFoundError: bad config or inputs, before any Ray work.
     """
-    if not cfg.data.output_dir:
-        raise ValueError("data.output_dir is not set: where should the prepared shards go?")
+    if not cfg.stage_dir("prepare"):
+        raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
     start = time.perf_counter()
     ds, files = transformed_dataset(cfg)
-    output = Path(cfg.data.output_dir)
+    output = Path(cfg.stage_dir("prepare"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(f"{output}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = staging_path(output)
     staging.mkdir()
     try:
         report = _write_and_count(cfg, ds, files, staging, output, start)
@@ -193,9 +196,7 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
         if row_error is not None:
             raise row_error.with_traceback(None) from None
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(staging, output)
+    publish_dir(staging, output)
     return report
 
 
@@ -222,3 +223,8 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
 
 def read_report(output_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(output_dir) / REPORT_NAME).read_text())
+
+
+def prepared_rows(output_dir: str | Path) -> int | None:
+    """Rows written by the ``prepare`` run in ``output_dir`` (None when it has no report)."""
+    return read_report(output_dir)["rows_written"] if (Path(output_dir) / REPORT_NAME).exists() else None

@@ -1,8 +1,8 @@
-"""Where the training loop gets its data and sends its metrics and checkpoints.
+"""Where the training loop gets its data and sends its metrics and checkpoints: a worker's I/O.
 
-The loop (``train_loop.run_loop``) is written once against this small surface. ``RaySession`` maps it onto
-Ray Train (dataset shard, ``ray.train.report``, ``ray.train.get_checkpoint``); ``LocalSession`` runs the same
-loop in one process without Ray (single-GPU debugging, machines without Ray). Only ``RaySession`` imports ray,
+The loop (``train.loop.run_loop``) is written once against this small surface. ``RayWorkerIO`` maps it onto
+Ray Train (dataset shard, ``ray.train.report``, ``ray.train.get_checkpoint``); ``LocalWorkerIO`` runs the same
+loop in one process without Ray (single-GPU debugging, machines without Ray). Only ``RayWorkerIO`` imports ray,
 and only when it is constructed.
 """
 
@@ -16,12 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from lookahead_ray.fsio import publish_dir, staging_path
+
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]  # column -> numpy array of token-id lists
 
 
-class TrainSession(Protocol):
+class WorkerIO(Protocol):
     world_rank: int
     world_size: int
 
@@ -35,7 +37,7 @@ class TrainSession(Protocol):
         """Metrics (every rank calls it the same number of times) and, optionally, this rank's checkpoint files."""
 
 
-class RaySession:
+class RayWorkerIO:
     """Ray Train V2: the shard of the "train" dataset, ``ray.train.report`` and ``ray.train.get_checkpoint``.
 
     Without a checkpoint of this run, ``resume_from`` (a local path or a URI Ray Train can read) is used:
@@ -73,7 +75,7 @@ class RaySession:
         self._train.report(metrics, checkpoint=checkpoint)
 
 
-class LocalSession:
+class LocalWorkerIO:
     """One process, no Ray: batches from a callable, checkpoints copied under ``run_dir``."""
 
     world_rank = 0
@@ -100,8 +102,10 @@ class LocalSession:
             return
         index = int(self.checkpoints[-1].name.split("_")[-1]) + 1 if self.checkpoints else 0
         target = self.run_dir / f"checkpoint_{index:06d}"
-        shutil.copytree(checkpoint_dir, target)
-        (target / "metrics.json").write_text(json.dumps(metrics, default=str))
+        staging = staging_path(target)  # a crash mid-copy must not leave a checkpoint_* that resume would pick
+        shutil.copytree(checkpoint_dir, staging)
+        (staging / "metrics.json").write_text(json.dumps(metrics, default=str))
+        publish_dir(staging, target)
         self.checkpoints.append(target)
         while len(self.checkpoints) > self.keep:
             shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)

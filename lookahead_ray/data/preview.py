@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from lookahead_ray.config import ConfigError, PreviewConfig
-from lookahead_ray.records import RecordSchema, RowError
+from lookahead_ray.data.records import RecordSchema
+from lookahead_ray.errors import RowError
 
 # Tokens a prefix must yield beyond m before its first m tokens are trusted (see AnswerPreviewer).
 _PREFIX_MARGIN_TOKENS = 2

@@ -16,26 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lookahead_ray.config import RecordConfig
-
-
-class RowError(ValueError):
-    """One bad input row. ``reason`` is a stable key for the report; file and row say where."""
-
-    def __init__(self, reason: str, field: str | None, detail: str, file: str | None = None, row: int | None = None):
-        self.reason, self.field, self.detail, self.file, self.row = reason, field, detail, file, row
-        super().__init__(reason, field, detail, file, row)
-
-    def at(self, file: str | None, row: int | None) -> RowError:
-        return RowError(self.reason, self.field, self.detail, file, row)
-
-    def __str__(self) -> str:
-        where = f"{self.file or '<records>'}, row {self.row if self.row is not None else '?'}"
-        field = f", field {self.field!r}" if self.field else ""
-        return f"{where}{field}: {self.reason}: {self.detail}"
-
-    def __reduce__(self):  # keep the fields when Ray ships the error between processes
-        return (RowError, (self.reason, self.field, self.detail, self.file, self.row))
+from lookahead_ray.config.schema import RecordConfig
+from lookahead_ray.errors import RowError
 
 
 @dataclass(frozen=True)

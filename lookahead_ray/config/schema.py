@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+"""The typed config sections: one dataclass per pipeline stage, with field docstrings and validation.
 
 One :class:`LookaheadConfig` describes a whole run (data -> train -> eval -> tune). Every stage is a
 library function taking it, so a CLI command, a Ray Tune trial and a cluster job differ only in how
@@ -8,17 +8,12 @@ the config is built. Pure module: no ray / torch / transformers imports.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the source and the key."""
+from lookahead_ray.errors import ConfigError
 
 
 @dataclass
@@ -305,10 +300,16 @@ class EvalConfig:
             raise ConfigError("eval: max_new_tokens, batch_size and jsr_prefill_tokens must be >= 1")
 
 
+STAGE_SUBDIRS = {"prepare": "prepared", "train": "train", "eval": "eval"}
+
+
 @dataclass
 class LookaheadConfig:
     """One run of the workflow."""
 
+    output_dir: str | None = None
+    """Run directory: prepare, train and eval write into prepared/, train/ and eval/ below it unless
+    data.output_dir, train.output_dir or eval.output_dir name another place. One path per run or Tune trial."""
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     records: RecordConfig = field(default_factory=RecordConfig)
     tokenization: TokenizationConfig = field(default_factory=TokenizationConfig)
@@ -322,87 +323,13 @@ class LookaheadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> LookaheadConfig:
-        return _build(cls, data, source, prefix="")
+        from lookahead_ray.config.loader import build
 
+        return build(cls, data, source)
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LookaheadConfig:
-    """Load a YAML config and apply ``dotted.key=value`` overrides (values parsed as YAML).
-
-    Raises:
-        ConfigError: unreadable file, unknown key, wrong type or invalid value, naming file and key.
-    """
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{source}: cannot read config: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "", source)
-    return _build(LookaheadConfig, data, source, prefix="")
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, source, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
-        return [_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
-        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+    def stage_dir(self, stage: Literal["prepare", "train", "eval"]) -> str | None:
+        """Where ``stage`` writes: its own output_dir if set, else a subdirectory of the run's output_dir."""
+        explicit = {"prepare": self.data.output_dir, "train": self.train.output_dir, "eval": self.eval.output_dir}
+        if explicit[stage]:
+            return explicit[stage]
+        return os.path.join(self.output_dir, STAGE_SUBDIRS[stage]) if self.output_dir else None

@@ -19,6 +19,7 @@ from typing import IO
 import pyarrow as pa
 
 from lookahead_ray.config import DataConfig
+from lookahead_ray.errors import ConfigError, RowError
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 READ_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()),
@@ -33,10 +34,10 @@ def _hf_arrow_files(directory: Path, split: str | None) -> list[str]:
         splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
         if split is None:
             if len(splits) != 1:
-                raise ValueError(f"{directory}: DatasetDict with splits {splits}; set data.hf_split")
+                raise ConfigError(f"data.hf_split: {directory} is a DatasetDict with splits {splits}; pick one")
             split = splits[0]
         if split not in splits:
-            raise ValueError(f"{directory}: no split {split!r} (splits: {splits})")
+            raise ConfigError(f"data.hf_split: {directory} has no split {split!r} (splits: {splits})")
         directory = directory / split
     state = json.loads((directory / "state.json").read_text())
     return [str(directory / f["filename"]) for f in state["_data_files"]]
@@ -47,10 +48,10 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
 
     Raises:
         FileNotFoundError: an input matches nothing.
-        ValueError: no inputs, or a file of an unknown format.
+        ConfigError: no inputs, or a file of an unknown format.
     """
     if not cfg.inputs:
-        raise ValueError("data.inputs is empty: give at least one file, glob or directory")
+        raise ConfigError("data.inputs is empty: give at least one file, glob or directory")
     files: list[str] = []
     for spec in cfg.inputs:
         path = Path(spec)
@@ -71,7 +72,7 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
             files += [m for m in matches if os.path.isfile(m)]
     for f in files:
         if cfg.input_format == "auto" and Path(f).suffix not in FORMAT_BY_SUFFIX:
-            raise ValueError(f"{f}: unknown file type; set data.input_format")
+            raise ConfigError(f"data.input_format: {f} has an unknown file type; set data.input_format")
     return list(dict.fromkeys(os.path.abspath(f) for f in files))
 
 
@@ -130,9 +131,10 @@ class RowReader:
             data = json.loads(f.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             # A JSON file is one value: a syntax error makes the whole file unreadable, not one row.
-            raise ValueError(f"{path}: not valid UTF-8 JSON: {exc}") from exc
+            raise RowError("invalid_json", None, f"not valid UTF-8 JSON: {exc}", path, None) from exc
         if not isinstance(data, list):
-            raise ValueError(f"{path}: a JSON input must hold a list of records, got {type(data).__name__}")
+            raise RowError("not_a_list", None, f"a JSON input must hold a list of records, got {type(data).__name__}",
+                           path, None)
         for number, item in enumerate(data, 1):
             text = json.dumps(item, ensure_ascii=False)
             yield (number, None, self._too_large(len(text))) if len(text) > self.max_row_bytes else (number, text, None)

@@ -1,0 +1,21 @@
+"""The typed config of a run: sections in ``schema``, YAML loading and overrides in ``loader``. Pure package."""
+
+from lookahead_ray.config.loader import apply_overrides, load_config, parse_overrides
+from lookahead_ray.config.schema import (
+    DataConfig,
+    EvalConfig,
+    JudgeConfig,
+    LookaheadConfig,
+    ModelConfig,
+    PreviewConfig,
+    PromptSetConfig,
+    RecordConfig,
+    TinyModelConfig,
+    TokenizationConfig,
+    TrainConfig,
+)
+from lookahead_ray.errors import ConfigError
+
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "ModelConfig", "PreviewConfig",
+           "PromptSetConfig", "RecordConfig", "TinyModelConfig", "TokenizationConfig", "TrainConfig",
+           "apply_overrides", "load_config", "parse_overrides"]

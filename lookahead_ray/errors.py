@@ -1,0 +1,47 @@
+"""The error family: every error a user can fix is a :class:`LookaheadError`.
+
+The CLI prints a ``LookaheadError`` as one line and exits 2; anything else is a bug and keeps its traceback.
+Each class also derives from the builtin a caller would expect (``ValueError``, ``RuntimeError``), so
+``except ValueError`` keeps working. Pure module.
+"""
+
+from __future__ import annotations
+
+
+class LookaheadError(Exception):
+    """An error in the user's config, data, models or services, with a message that says what to change."""
+
+
+class ConfigError(LookaheadError, ValueError):
+    """A config file, override or pre-flight check is invalid; the message names the source and the key."""
+
+
+class RowError(LookaheadError, ValueError):
+    """One bad input row. ``reason`` is a stable key for the report; file and row say where."""
+
+    def __init__(self, reason: str, field: str | None, detail: str, file: str | None = None, row: int | None = None):
+        self.reason, self.field, self.detail, self.file, self.row = reason, field, detail, file, row
+        super().__init__(reason, field, detail, file, row)
+
+    def at(self, file: str | None, row: int | None) -> RowError:
+        return RowError(self.reason, self.field, self.detail, file, row)
+
+    def __str__(self) -> str:
+        where = f"{self.file or '<records>'}, row {self.row if self.row is not None else '?'}"
+        field = f", field {self.field!r}" if self.field else ""
+        return f"{where}{field}: {self.reason}: {self.detail}"
+
+    def __reduce__(self):  # keep the fields when Ray ships the error between processes
+        return (RowError, (self.reason, self.field, self.detail, self.file, self.row))
+
+
+class ModelLoadError(LookaheadError, OSError):
+    """A tokenizer or model could not be loaded from the directory or Hub id given."""
+
+
+class ExportMismatchError(LookaheadError, RuntimeError):
+    """The reloaded Hugging Face export does not reproduce the trained engine's logits."""
+
+
+class JudgeUnavailableError(LookaheadError, RuntimeError):
+    """The judge endpoint kept failing; judgements made so far are in the cache."""

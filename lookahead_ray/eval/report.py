@@ -1,0 +1,105 @@
+"""Results as a paper-style table and plots, shared by ``eval`` and the demo.
+
+Every number in a table is formatted from the results dict (``results.json``), never computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SafetyColumn = tuple[str, str]
+"""(kind, judge): kind "rsr" or "jsr", judge a judge name such as "keyword", "keyword@10", "strict"."""
+
+
+def _percent(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _safety_columns(results: dict[str, Any]) -> list[SafetyColumn]:
+    columns: list[SafetyColumn] = []
+    for metrics in results["models"].values():
+        for kind in ("rsr", "jsr"):
+            columns += [(kind, judge) for judge in metrics.get(kind, {}) if (kind, judge) not in columns]
+    return columns
+
+
+def results_table(results: dict[str, Any],
+                  safety_columns: list[SafetyColumn] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per model: safe rates and utility in %, KL in nats ("-" where not measured).
+
+    ``safety_columns`` picks and orders the (kind, judge) columns; by default every one in the results.
+    """
+    columns = safety_columns if safety_columns is not None else _safety_columns(results)
+    header = ["model"] + [f"{kind.upper()} ({judge}) %" for kind, judge in columns] + [
+        "utility %", "benign refusal %", "KL@1 harmful", "mean KL harmful"]
+    rows = []
+    for name, metrics in results["models"].items():
+        row = [name] + [_percent(metrics.get(kind, {}).get(judge, {}).get("safe_rate")) for kind, judge in columns]
+        row += [_percent(metrics.get("utility", {}).get("score")), _percent(metrics.get("benign_refusal_rate"))]
+        kl = metrics.get("drift", {}).get("harmful", {}).get("kl")
+        valid = [x for x in kl or [] if not math.isnan(x)]
+        row += [f"{kl[0]:.3f}" if kl and not math.isnan(kl[0]) else "-",
+                f"{sum(valid) / len(valid):.3f}" if valid else "-"]
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def report_table(results: dict[str, Any], safety_columns: list[SafetyColumn] | None = None) -> str:
+    """:func:`results_table` as Markdown."""
+    return markdown_table(*results_table(results, safety_columns))
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_drift(drift: dict[str, dict[str, dict[str, list[float]]]], path: str) -> None:
+    """Line plot of KL per answer position: one line per (model, prompt kind)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, kinds in drift.items():
+        for kind, values in kinds.items():
+            ax.plot(range(1, len(values["kl"]) + 1), values["kl"], marker="o",
+                    linestyle="-" if kind == "harmful" else "--", label=f"{model} ({kind})")
+    ax.set_xlabel("answer token position")
+    ax.set_ylabel("KL(seed || model)")
+    ax.set_title("First-token drift from the seed model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_safety_vs_utility(results: dict[str, Any], path: str, judge: str = "strict") -> None:
+    """Scatter of each model's RSR and JSR (by ``judge``) against its utility."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, metrics in results["models"].items():
+        utility = 100 * metrics["utility"]["score"]
+        for kind, marker in (("rsr", "o"), ("jsr", "^")):
+            ax.scatter(utility, 100 * metrics[kind][judge]["safe_rate"], marker=marker, s=60,
+                       label=f"{name} {kind.upper()}")
+    ax.set_xlabel("utility: held-out task accuracy (%)")
+    ax.set_ylabel(f"safe rate, {judge} judge (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Safety vs utility per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

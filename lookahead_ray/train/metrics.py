@@ -1,0 +1,96 @@
+"""Training metrics: the step meter (micro-batches -> optimizer-step metrics) and the rank-0 metric writers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lookahead_ray.config import TrainConfig
+
+WRITTEN_METRICS = ("loss", "learning_rate", "tokens_per_second", "step_seconds", "epoch")
+
+
+class StepMeter:
+    """Accumulates micro-batch losses and token counts into one optimizer step and reports its metrics.
+
+    Loss and tokens are all-reduced across workers, so every rank reports the same numbers. Time spent
+    checkpointing or reporting between steps is not step time (call :meth:`restart_clock` after it).
+    """
+
+    def __init__(self, accumulation: int, world_size: int, device: Any, setup_seconds: float,
+                 resumed_from_step: int | None):
+        self.accumulation, self.world_size, self.device = accumulation, world_size, device
+        self.setup_seconds, self.resumed_from_step = setup_seconds, resumed_from_step
+        self.micro_batches, self.loss_sum, self.tokens = 0, 0.0, 0.0
+        self.started = self.step_started = time.perf_counter()
+        self.first_step_seconds: float | None = None
+        self.first_step_done, self.first_step = 0.0, 0
+        self.initial_loss: float | None = None
+        self.last: dict[str, Any] = {}
+
+    @property
+    def in_step(self) -> bool:
+        """Micro-batches of an unfinished optimizer step are pending."""
+        return self.micro_batches > 0
+
+    def add(self, loss: Any, tokens: Any) -> bool:
+        """Count one micro-batch; True when it completes an optimizer step."""
+        self.loss_sum += float(loss.detach())
+        self.tokens += float(tokens)
+        self.micro_batches += 1
+        return self.micro_batches >= self.accumulation
+
+    def step_metrics(self, step: int, epoch: int, learning_rate: float) -> dict[str, Any]:
+        """Close the step: all-reduce loss and tokens, reset the accumulators, return the metrics."""
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.tensor([self.loss_sum / self.accumulation, self.tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        now = time.perf_counter()
+        if self.first_step_seconds is None:
+            self.first_step_seconds, self.first_step_done, self.first_step = now - self.started, now, step
+        loss = float(totals[0]) / self.world_size
+        self.initial_loss = loss if self.initial_loss is None else self.initial_loss
+        seconds = now - self.step_started
+        self.last = {"step": step, "epoch": epoch, "loss": loss, "initial_loss": self.initial_loss,
+                     "learning_rate": float(learning_rate), "step_seconds": seconds,
+                     "tokens_per_second": float(totals[1]) / max(seconds, 1e-9),
+                     "setup_seconds": self.setup_seconds, "first_step_seconds": self.first_step_seconds,
+                     "mean_step_seconds": (now - self.first_step_done) / max(step - self.first_step, 1),
+                     "resumed_from_step": -1 if self.resumed_from_step is None else self.resumed_from_step}
+        self.micro_batches, self.loss_sum, self.tokens = 0, 0.0, 0.0
+        return self.last
+
+    def restart_clock(self) -> None:
+        self.step_started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class MetricWriters:
+    """TensorBoard (always) and MLflow (when ``train.mlflow_tracking_uri`` is set), on rank 0, every step."""
+
+    def __init__(self, log_dir: str, train: TrainConfig):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(log_dir)
+        self.mlflow = None
+        if train.mlflow_tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(train.mlflow_tracking_uri)
+            mlflow.start_run(run_name=train.run_name)
+            self.mlflow = mlflow
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        for key in WRITTEN_METRICS:
+            self.tensorboard.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({key: metrics[key] for key in WRITTEN_METRICS}, step=metrics["step"])
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
