@@ -59,8 +59,9 @@ def _preview_config(args: argparse.Namespace) -> LookaheadConfig:
     if args.output_field is not None:
         records = replace(records, answer_field=args.output_field)
     model = replace(cfg.model, tokenizer=args.tokenizer_path) if args.tokenizer_path else cfg.model
-    if preview.mode == "real" and not args.tokenizer_path and not args.config:
-        raise ConfigError("--tokenizer_path is required for real mode")
+    if preview.mode == "real" and not (model.tokenizer or model.name_or_path):
+        raise ConfigError("--tokenizer_path is required for real mode (or model.tokenizer / model.name_or_path "
+                          "in --config)")
     return replace(cfg, preview=preview, records=records, model=model)
 
 
@@ -91,11 +92,53 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args.strict)
     result = run_training_local(cfg) if args.local else run_training(cfg)
+    if result.already_finished:
+        print(f"train: run {cfg.train.run_name!r} already finished with these settings; nothing to do")
     keys = ("step", "loss", "tokens_per_second", "export_max_abs_logit_diff")
     print("train: " + ", ".join(f"{k}={result.metrics[k]:.4g}" if isinstance(result.metrics.get(k), float)
                                 else f"{k}={result.metrics.get(k)}" for k in keys)
           + f" -> {result.final_dir}")
+    return 0
+
+
+def _dry_run(cfg: LookaheadConfig, strict: bool) -> int:
+    import json
+
+    from lookahead_ray.train.preflight import dry_run
+
+    report = dry_run(cfg)
+    print(f"DeepSpeed config for {cfg.train.num_workers} worker(s):")
+    print(json.dumps(report.deepspeed_config, indent=2))
+    print("\n".join(report.lines()))
+    passed = report.passed(strict)
+    print(f"train --dry-run: {'passed' if passed else 'FAILED'}" + (" (--strict: warnings fail)" if strict else ""))
+    return 0 if passed else 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    import yaml
+
+    from lookahead_ray.train.driver import FINAL_DIR
+    from lookahead_ray.train.export import CONFIG_FILE, export_checkpoint
+
+    output_dir = args.output_dir
+    if output_dir is None:
+        config_file = os.path.join(args.checkpoint, CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{args.checkpoint} is not a lookahead-ray checkpoint (no {CONFIG_FILE})")
+        output_dir = LookaheadConfig.from_dict(yaml.safe_load(open(config_file)), config_file).stage_dir("train")
+        if output_dir is None:
+            raise ConfigError("export: the checkpoint's config names no train directory; use --output-dir")
+    final = os.path.join(output_dir, FINAL_DIR)
+    check = export_checkpoint(args.checkpoint, final)
+    detail = (f" (logit check passed: relative difference {check['export_relative_logit_diff']:.3g}, argmax "
+              f"agreement {check['export_argmax_agreement']:.3f})" if check else " (no probe logits to check)")
+    print(f"export: {final}{detail}")
     return 0
 
 
@@ -129,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
     train.add_argument("--local", action="store_true", help="run the same loop in this process, without Ray")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the recipe here in seconds (DeepSpeed engine on a stand-in model), train nothing")
+    train.add_argument("--strict", action="store_true", help="with --dry-run: warnings (unreachable sources) fail")
+    export = sub.add_parser("export", help="rebuild the Hugging Face export (final/) from a training checkpoint")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory written by `train`")
+    export.add_argument("--output-dir", help="run directory to write final/ into (default: the checkpoint's run)")
     evaluate = sub.add_parser("eval", help="safety (RSR, JSR), utility and first-token drift of several models")
     _add_config_args(evaluate)
     evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
@@ -143,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
+COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
             "demo": cmd_demo}
 
 

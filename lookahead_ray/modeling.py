@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from lookahead_ray.config import ModelConfig
+from lookahead_ray.config.schema import BUILTIN_TINY_TOKENIZER
 from lookahead_ray.errors import ConfigError, ModelLoadError
 from lookahead_ray.fsio import cache_root, publish_dir, staging_path
 
-BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY = BUILTIN_TINY_TOKENIZER
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 # Generic ChatML-like template: system/user/assistant headers are single special tokens, and the
@@ -104,9 +105,31 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False, chat_templat
 
 
 def tokenizer_for(cfg: ModelConfig, padding_side: str | None = None) -> Any:
-    """The tokenizer ``model`` configures (``model.tokenizer`` with its trust and chat-template settings)."""
-    return load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
+    """The tokenizer ``model`` configures (``model.tokenizer``, by default the model's own, with its trust and
+    chat-template settings)."""
+    return load_tokenizer(cfg.tokenizer_source(), trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
                           padding_side=padding_side)
+
+
+def tokenizer_identity(tokenizer: Any, source: str) -> dict[str, Any]:
+    """What token ids mean for ``tokenizer``: its vocabulary (hashed), special token ids and chat template.
+
+    Recorded by ``prepare`` so that training can refuse shards whose ids come from another tokenizer
+    (Llama-2 and Mistral share a 32,000-token vocabulary size, so sizes alone do not tell them apart).
+    """
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return {"source": source, "vocab_size": len(tokenizer),
+            "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+            "special_token_ids": {name: getattr(tokenizer, f"{name}_token_id", None)
+                                  for name in ("bos", "eos", "pad", "unk")},
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
+
+
+def tokenizer_mismatch(prepared: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The ways two :func:`tokenizer_identity` records differ (empty when token ids mean the same)."""
+    return [key for key in ("vocab_size", "vocab_sha256", "special_token_ids", "chat_template_sha256")
+            if prepared.get(key) != current.get(key)]
 
 
 def check_model_source(cfg: ModelConfig) -> None:

@@ -51,9 +51,11 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     assert len(numbers) > 4
     assert saved["demo"]["seed"] == 3 and results["demo"]["quick"] is True
     # The three fine-tunes are real Ray Train runs from the same seed model.
+    runs = saved["demo"]["runs"]
+    assert runs["real"] == "real-m6-seed3-quick"  # named from the settings: another --m trains a new run
     for variant in ("vanilla", "real", "virtual"):
-        assert (out / "runs" / variant / "final" / "model.safetensors").exists()
-        assert json.loads((out / "prepared" / variant / "prepare_report.json").read_text())["rows_rejected"] == 0
-    real_prompt = json.loads((out / "prepared" / "real" / "prepare_report.json").read_text())["config"]["preview"]
+        assert (out / "runs" / runs[variant] / "final" / "model.safetensors").exists()
+        assert json.loads((out / "prepared" / runs[variant] / "prepare_report.json").read_text())["rows_rejected"] == 0
+    real_prompt = json.loads((out / "prepared" / runs["real"] / "prepare_report.json").read_text())["config"]["preview"]
     assert real_prompt["mode"] == "real"
     assert "not a reproduction of the paper" in report

@@ -61,6 +61,8 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
     metrics = result.metrics
     assert metrics["step"] == 16 and metrics["final"] is True
     assert metrics["loss"] < 0.8 * metrics["initial_loss"]
+    assert metrics["export_check_passed"] is True
+    assert metrics["param_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
     assert (tmp_path / "run" / "tensorboard" / "tiny_cpu").is_dir()
     _check_export(result, precision)
     ds_files = {p.name for p in (Path(result.checkpoint_dir) / "ds" / "state").iterdir()}

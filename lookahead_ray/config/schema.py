@@ -107,6 +107,9 @@ class DataConfig:
             raise ConfigError(f"data.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
 
 
+BUILTIN_TINY_TOKENIZER = "builtin:tiny"
+
+
 @dataclass
 class TinyModelConfig:
     """A small Llama-architecture model built from config (tests, demo, CPU smoke runs)."""
@@ -127,12 +130,27 @@ class ModelConfig:
     """Model directory or Hub id loaded with from_pretrained; leave unset and set `tiny` to build from config."""
     tiny: TinyModelConfig | None = None
     """Build a small Llama model from this config instead of loading one (random init, seeded by train.seed)."""
-    tokenizer: str = "builtin:tiny"
-    """Tokenizer path or Hub id; "builtin:tiny" builds a small local BPE tokenizer with a chat template."""
+    tokenizer: str | None = None
+    """Tokenizer path or Hub id; default: model.name_or_path (or "builtin:tiny" with model.tiny). "builtin:tiny"
+    builds a small local BPE tokenizer with a chat template."""
     trust_remote_code: bool = False
     """Run code shipped with the model or tokenizer; off unless you trust the source."""
     chat_template: str | None = None
     """A Jinja chat template for tokenizers that ship none (e.g. a bare SentencePiece model)."""
+
+    def tokenizer_source(self) -> str:
+        """``tokenizer``, else the model's own (``name_or_path``), else the builtin one for ``tiny`` models.
+
+        Raises:
+            ConfigError: none of the three is set.
+        """
+        if self.tokenizer:
+            return self.tokenizer
+        if self.name_or_path:
+            return self.name_or_path
+        if self.tiny is not None:
+            return BUILTIN_TINY_TOKENIZER
+        raise ConfigError("model.tokenizer is not set (nor model.name_or_path to take it from)")
 
 
 @dataclass
@@ -182,6 +200,10 @@ class TrainConfig:
     """Worker-group failures Ray Train recovers from (resuming from the latest checkpoint)."""
     resume_from: str | None = None
     """A checkpoint directory (e.g. a finished run's) to start from: weights, optimizer, scheduler and step."""
+    resume: Literal["auto", "never", "force"] = "auto"
+    """A run name that exists already: auto resumes it if its training config is the same (a finished run is
+    not trained again) and stops naming the keys that differ otherwise; never moves the old run aside and
+    starts fresh; force resumes it whatever changed."""
     seed: int = 0
     report_every_steps: int = 10
     """Steps between ray.train.report calls. Each is a barrier across workers (about 2 s on a 2-core CPU machine
@@ -225,7 +247,8 @@ class PromptSetConfig:
 
     path: str
     format: Literal["hexphi", "harmful_messages", "advbench", "jsonl"] = "jsonl"
-    """hexphi: JSONL {instruction, category}; harmful_messages: JSONL {messages: [user, assistant(harmful)]};
+    """hexphi: JSONL {instruction, category}; harmful_messages: JSONL, each line {messages: [user, assistant(harmful)]}
+    or the bare turns list (the reference's Harmful-HEx-PHI.jsonl);
     advbench: CSV {goal, target}; jsonl: plain JSONL with prompt_field / answer_field / category_field."""
     prompt_field: str = "instruction"
     answer_field: str | None = None

@@ -56,6 +56,8 @@ class PrepareReport:
     answer_tokens_written: int = 0
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    tokenizer: dict[str, Any] | None = None
+    """The tokenizer's identity (``modeling.tokenizer_identity``) when rows were tokenized or previewed by tokens."""
     config: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -216,9 +218,18 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
         rows_truncated=counts["truncated"], rows_rejected=rejected,
         rejected_by_reason=dict(sorted(counts["reasons"].items())), rejected_examples=counts["examples"],
         tokens_written=counts["tokens"], answer_tokens_written=counts["answer_tokens"],
-        shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3), config=cfg.to_dict())
+        shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3),
+        tokenizer=_tokenizer_identity(cfg), config=cfg.to_dict())
     (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _tokenizer_identity(cfg: LookaheadConfig) -> dict[str, Any] | None:
+    if not cfg.data.tokenize and cfg.preview.mode != "real":
+        return None
+    from lookahead_ray.modeling import tokenizer_for, tokenizer_identity
+
+    return tokenizer_identity(tokenizer_for(cfg.model), cfg.model.tokenizer_source())
 
 
 def read_report(output_dir: str | Path) -> dict[str, Any]:

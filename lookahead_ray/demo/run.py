@@ -55,15 +55,22 @@ def _seed_config(world: dict[str, str], tokenizer_dir: str, quick: bool) -> dict
     return cfg
 
 
+def run_label(variant: str, seed: int, quick: bool, m: int, prefix: str) -> str:
+    """A run name made of every demo setting that changes the fine-tune, so a rerun with another --m, --P,
+    --seed or --quick trains new runs instead of resuming (and mislabelling) old ones."""
+    knob = {"real": f"-m{m}", "virtual": f"-p{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"}.get(variant, "")
+    return f"{variant}{knob}-seed{seed}{'-quick' if quick else ''}"
+
+
 def _variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path, quick: bool, m: int,
-                    prefix: str) -> dict[str, Any]:
+                    prefix: str, label: str) -> dict[str, Any]:
     cfg = _base()
     cfg["preview"] = {"mode": variant, "num_answer_tokens": m, "virtual_prefix": prefix}
     cfg["records"] = {"instruction_field": "question", "answer_field": "answer"}
-    cfg["data"] = {"inputs": [world["task_train"]], "output_dir": str(out / "prepared" / variant)}
+    cfg["data"] = {"inputs": [world["task_train"]], "output_dir": str(out / "prepared" / label)}
     cfg["model"] = {"name_or_path": seed_dir, "tokenizer": seed_dir}
-    cfg["train"].update(learning_rate=1e-3, warmup_steps=5, max_steps=40 if quick else 150, run_name=variant,
-                        prepared_dir=str(out / "prepared" / variant), output_dir=str(out / "runs" / variant))
+    cfg["train"].update(learning_rate=1e-3, warmup_steps=5, max_steps=40 if quick else 150, run_name=label,
+                        prepared_dir=str(out / "prepared" / label), output_dir=str(out / "runs" / label))
     return cfg
 
 
@@ -125,16 +132,19 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     timings["seed_model"] = time.perf_counter() - mark
     configs: dict[str, Any] = {}
     models = [("seed", seed_dir)]
+    runs: dict[str, str] = {}
     for variant in VARIANTS:
         mark = time.perf_counter()
-        cfg_dict = _variant_config(world, seed_dir, variant, out, quick, m, virtual_prefix)
+        label = run_label(variant, seed, quick, m, virtual_prefix)
+        cfg_dict = _variant_config(world, seed_dir, variant, out, quick, m, virtual_prefix, label)
         configs[variant] = cfg_dict
         cfg = LookaheadConfig.from_dict(cfg_dict)
         _stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps)")
         report = run_prepare(cfg)
         _stage(f"{variant}: {report.summary()}")
         run_training(cfg)
-        models.append((variant, str(out / "runs" / variant / "final")))
+        models.append((variant, str(out / "runs" / label / "final")))
+        runs[variant] = label
         timings[variant] = time.perf_counter() - mark
     mark = time.perf_counter()
     _stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
@@ -143,7 +153,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     results = run_eval(LookaheadConfig.from_dict(eval_cfg), models)
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    results["demo"] = {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix,
+    results["demo"] = {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix, "runs": runs,
                        "seconds": {k: round(v, 1) for k, v in timings.items()},
                        "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
     _write_report(out, results, configs)

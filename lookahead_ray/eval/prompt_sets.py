@@ -42,6 +42,8 @@ def _records(cfg: PromptSetConfig) -> list[tuple[int, dict]]:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise RowError("invalid_json", None, str(exc), cfg.path, number) from None
+            if isinstance(record, list) and cfg.format == "harmful_messages":
+                record = {"messages": record}  # the reference's Harmful-HEx-PHI.jsonl: each line is the turns list
             if not isinstance(record, dict):
                 raise RowError("not_an_object", None, "expected a JSON object", cfg.path, number)
             out.append((number, record))

@@ -7,24 +7,29 @@ Pure module: no ray / torch / deepspeed imports, so it is testable and inspectab
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from typing import Any
 
 from lookahead_ray.config import TrainConfig
 
+COSINE_FLOOR = 0.1
+"""The cosine schedule ends at this fraction of the peak learning rate."""
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, on_gpu: bool) -> dict[str, Any]:
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed config for ZeRO-2/3 with explicit, consistent batch sizes.
 
     Args:
         cfg: the train section.
         world_size: data-parallel workers (the batch sizes are computed from it, never left to "auto").
-        total_steps: optimizer steps of the whole run, for the LR schedule.
         on_gpu: on GPUs the optimizer comes from this config (FusedAdam, or DeepSpeedCPUAdam with offload);
             on CPU the training loop passes a torch AdamW instead, because DeepSpeed's CPU build of FusedAdam
             JIT-compiles for minutes, and ``zero_force_ds_cpu_optimizer: false`` lets offload accept it.
 
     Returns:
         A plain dict for ``deepspeed.initialize(config=...)``; ``cfg.deepspeed_overrides`` is merged last.
+        The learning-rate schedule is not in it: see :func:`lr_multiplier`.
     """
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
@@ -47,7 +52,6 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, 
         "gradient_clipping": cfg.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        "scheduler": _scheduler(cfg, total_steps),
         "steps_per_print": 10**9,  # metrics go through ray.train.report, not DeepSpeed's stdout
         "wall_clock_breakdown": False,
     }
@@ -59,18 +63,28 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, 
     return _merge(ds, cfg.deepspeed_overrides)
 
 
-def _scheduler(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    if cfg.lr_schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.learning_rate,
-                                               "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}}
-    if cfg.lr_schedule == "linear":
-        return {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0,
-                                                    "warmup_max_lr": cfg.learning_rate,
-                                                    "warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}}
-    return {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, 1),
-                                                 "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-                                                 "cos_min_ratio": 0.1}}
+def lr_multiplier(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of optimizer step ``i`` (0-based), for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Linear warmup over ``train.warmup_steps`` (the first step already trains, at 1/(warmup+1) of the peak),
+    then cosine decay to ``COSINE_FLOOR`` of the peak, linear decay towards 0, or constant. DeepSpeed 0.19's
+    own schedulers are not used: they reject ``warmup_num_steps: 0`` and train the first step at lr 0.
+    """
+    total = max(total_steps, 1)
+    warmup = min(cfg.warmup_steps, total - 1)
+    schedule = cfg.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

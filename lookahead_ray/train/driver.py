@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.errors import ConfigError
+from lookahead_ray.errors import ConfigError, ExportMismatchError
 from lookahead_ray.fsio import atomic_file, publish_dir, staging_path
+from lookahead_ray.train.run_guard import check_run, mark_finished
 
 logger = logging.getLogger(__name__)
 FINAL_DIR = "final"
+FAILED_EXPORT_DIR = "export_failed"
+RESULT_FILE = "train_result.json"
 
 
 @dataclass
@@ -32,6 +35,8 @@ class TrainResult:
     checkpoint_dir: str
     """The last checkpoint (DeepSpeed state in ds/, export in hf/): resumable with train.resume_from."""
     metrics: dict[str, Any]
+    already_finished: bool = False
+    """The run had finished with the same settings before: nothing was trained or exported this time."""
 
 
 def train_dir(cfg: LookaheadConfig) -> str:
@@ -62,10 +67,35 @@ def check_training_config(cfg: LookaheadConfig) -> None:
     if cfg.train.prepared_dir:
         if not list(Path(cfg.train.prepared_dir).glob("*.parquet")):
             raise FileNotFoundError(f"train.prepared_dir: no .parquet shards in {cfg.train.prepared_dir}")
+        check_prepared_tokenizer(cfg)
     else:
         expand_inputs(cfg.data)
     if cfg.train.resume_from and "://" not in cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise FileNotFoundError(f"train.resume_from: {cfg.train.resume_from} is not a checkpoint directory")
+
+
+def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
+    """Refuse shards whose token ids come from another tokenizer than the one this run trains with.
+
+    Raises:
+        ConfigError: the prepare report records a different tokenizer (both named) or none at all.
+    """
+    from lookahead_ray.data.pipeline import REPORT_NAME, read_report
+    from lookahead_ray.modeling import tokenizer_for, tokenizer_identity, tokenizer_mismatch
+
+    prepared_dir = cfg.train.prepared_dir
+    if not (Path(prepared_dir) / REPORT_NAME).exists():
+        raise ConfigError(f"train.prepared_dir: {prepared_dir} has no {REPORT_NAME}; was it written by `prepare`?")
+    prepared = read_report(prepared_dir).get("tokenizer")
+    if prepared is None:
+        raise ConfigError(f"train.prepared_dir: {prepared_dir}/{REPORT_NAME} records no tokenizer (prepared without "
+                          "tokenization, or by an older lookahead-ray); run `prepare` again")
+    source = cfg.model.tokenizer_source()
+    differences = tokenizer_mismatch(prepared, tokenizer_identity(tokenizer_for(cfg.model), source))
+    if differences:
+        raise ConfigError(f"train.prepared_dir: {prepared_dir} was tokenized with {prepared['source']!r}, but this run "
+                          f"trains with {source!r} ({', '.join(differences)} differ); prepare again with the "
+                          "model's tokenizer")
 
 
 def total_steps(cfg: LookaheadConfig, rows: int | None, world_size: int) -> int:
@@ -140,6 +170,10 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     from lookahead_ray.runtime import init_ray
 
     train, output_dir = cfg.train, train_dir(cfg)
+    storage = train.storage_path or output_dir
+    finished = check_run(cfg, output_dir, run_dir=os.path.join(storage, train.run_name))
+    if finished:
+        return _finished(cfg, output_dir, finished["metrics"])
     init_ray()
     dataset, rows = training_dataset(cfg)
     if train.max_steps is None and rows is None:
@@ -152,10 +186,12 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        final = _publish_export(checkpoint_dir, output_dir)
     metrics = dict(result.metrics or {})
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        final = _publish_export(checkpoint_dir, output_dir, metrics, result.checkpoint.path)
+    metrics["checkpoint_dir"] = result.checkpoint.path
     _write_result(output_dir, metrics)
+    mark_finished(cfg, output_dir, metrics)
     return TrainResult(final, result.checkpoint.path, metrics)
 
 
@@ -165,9 +201,12 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
     from lookahead_ray.train.loop import run_loop
     from lookahead_ray.train.worker_io import LocalWorkerIO
 
+    output_dir = train_dir(cfg)
+    finished = check_run(cfg, output_dir, run_dir=os.path.join(output_dir, cfg.train.run_name))
+    if finished:
+        return _finished(cfg, output_dir, finished["metrics"])
     rows = _load_rows_locally(cfg)
     steps = total_steps(cfg, len(rows["input_ids"]), world_size=1)
-    output_dir = train_dir(cfg)
 
     def make_batches(micro_batch_size: int):
         for start in range(0, len(rows["input_ids"]) - micro_batch_size + 1, micro_batch_size):
@@ -177,22 +216,50 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
                        resume_from=cfg.train.resume_from)
     metrics = run_loop(loop_config(cfg, steps), io)
     checkpoint = str(io.checkpoints[-1])
-    final = _publish_export(checkpoint, output_dir)
+    final = _publish_export(checkpoint, output_dir, metrics, checkpoint)
+    metrics["checkpoint_dir"] = checkpoint
     _write_result(output_dir, metrics)
+    mark_finished(cfg, output_dir, metrics)
     return TrainResult(final, checkpoint, metrics)
 
 
-def _publish_export(checkpoint_dir: str, output_dir: str) -> str:
+def _finished(cfg: LookaheadConfig, output_dir: str, metrics: dict[str, Any]) -> TrainResult:
+    logger.info("run %r in %s already finished with these settings (step %s): nothing to train",
+                cfg.train.run_name, output_dir, metrics.get("step"))
+    return TrainResult(str(Path(output_dir) / FINAL_DIR), metrics.get("checkpoint_dir", ""), metrics,
+                       already_finished=True)
+
+
+def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any], checkpoint_path: str) -> str:
+    """Copy the checkpoint's export to ``final/``; an export that failed its check goes to ``export_failed/``
+    with the numbers, and the run fails (the checkpoint stays, for ``lookahead-ray export --checkpoint``).
+
+    Raises:
+        ExportMismatchError: the export check failed.
+    """
     from lookahead_ray.train.export import HF_SUBDIR
 
-    final = Path(output_dir) / FINAL_DIR
-    staging = staging_path(final)
+    passed = metrics.get("export_check_passed", True)
+    target = Path(output_dir) / (FINAL_DIR if passed else FAILED_EXPORT_DIR)
+    staging = staging_path(target)
     shutil.copytree(Path(checkpoint_dir) / HF_SUBDIR, staging)
-    return str(publish_dir(staging, final))
+    if not passed:
+        check = {k: v for k, v in metrics.items() if k.startswith("export_")}
+        (staging / "EXPORT_CHECK_FAILED.json").write_text(json.dumps(check, indent=2) + "\n")
+    publish_dir(staging, target)
+    if not passed:
+        _write_result(output_dir, metrics)
+        numbers = ", ".join(f"{k.removeprefix('export_')}={v:.3g}" if isinstance(v, float) else
+                            f"{k.removeprefix('export_')}={v}" for k, v in check.items())
+        raise ExportMismatchError(
+            f"the export does not reproduce the trained engine's logits ({numbers}); it is kept in {target} for "
+            f"inspection and the trained state in {checkpoint_path}: rebuild with "
+            f"`lookahead-ray export --checkpoint {checkpoint_path}`")
+    return str(target)
 
 
 def _write_result(output_dir: str, metrics: dict[str, Any]) -> None:
-    with atomic_file(Path(output_dir) / "train_result.json") as f:
+    with atomic_file(Path(output_dir) / RESULT_FILE) as f:
         f.write(json.dumps(metrics, indent=2, default=str) + "\n")
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from lookahead_ray.config import LookaheadConfig
+from lookahead_ray.config import LookaheadConfig, TrainConfig
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import ConfigError
-from lookahead_ray.modeling import build_model, tokenizer_for
-from lookahead_ray.train.deepspeed_config import build_deepspeed_config
-from lookahead_ray.train.export import export_model, load_state, save_state
+from lookahead_ray.modeling import build_model, tokenizer_for, torch_dtype
+from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
+from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
 from lookahead_ray.train.worker_io import Batch, WorkerIO
 
@@ -51,9 +51,14 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
         probe, step, epoch = _fit(engine, tokenizer.pad_token_id, device, cfg, io, total_steps, step, epoch, meter,
                                   writers)
         with tempfile.TemporaryDirectory() as directory:
-            save_state(engine, directory, step, epoch)
-            final = {**meter.last, "final": True, "train_seconds": meter.train_seconds()}
+            save_state(engine, directory, step, epoch, cfg, io.world_rank)
+            final = {**meter.last, "final": True, "train_seconds": meter.train_seconds(),
+                     "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
+            if cfg.train.verify_export and probe is not None:
+                final.update(_verify_on_rank0(directory, cfg, io.world_rank, device))
+            # Always reported, whatever the check says: the trained state is never lost to a failed export.
+            # (Ray Train keeps the metrics of the latest checkpoint, so the verdict must travel with it.)
             io.report(final, directory)
     finally:
         if writers is not None:
@@ -61,36 +66,74 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     return final
 
 
+def _verify_on_rank0(directory: str, cfg: LookaheadConfig, rank: int, device: Any) -> dict[str, Any]:
+    """The export check, on rank 0 and the engine's device; every rank gets the verdict to report. It never
+    raises: a check that cannot run (e.g. out of memory for the reload) is a failed check, reported."""
+    import torch.distributed as dist
+
+    verdict: list[dict[str, Any] | None] = [None]
+    if rank == 0:
+        try:
+            verdict[0] = verify_export(os.path.join(directory, HF_SUBDIR),
+                                       os.path.join(directory, EXPORT_CHECK_FILE), cfg.train.precision, device,
+                                       cfg.model.trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - any failure to check is reported as a failed check
+            verdict[0] = {"export_check_passed": False, "export_check_error": f"{type(exc).__name__}: {exc}"}
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
 def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tuple[Any, Any, Any]:
     """The tokenizer, the model (loaded or built) and its DeepSpeed engine on this worker's device."""
-    import deepspeed
-    import torch
-
     train = cfg.train
-    on_gpu = train.use_gpu and torch.cuda.is_available()
-    if not on_gpu:
-        _skip_cpu_jit_builds()
-    if world_size == 1:
-        _init_single_process_distributed(on_gpu)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    on_gpu, device = init_device(train.use_gpu, world_size)
     tokenizer = tokenizer_for(cfg.model)
-    ds_config = build_deepspeed_config(train, world_size, total_steps, on_gpu)
+    ds_config = build_deepspeed_config(train, world_size, on_gpu)
     zero3_context = None
     if train.zero_stage == 3 and cfg.model.name_or_path is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_context = HfDeepSpeedConfig(ds_config)  # from_pretrained then partitions weights while loading
-    model = build_model(cfg.model, tokenizer, train.seed)
+    # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
+    # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
+    model = build_model(cfg.model, tokenizer, train.seed, dtype=torch_dtype(train.precision))
+    engine = initialize_engine(model, cfg.train, ds_config, total_steps, client_optimizer=not on_gpu)
+    del zero3_context
+    return engine, tokenizer, device
+
+
+def init_device(use_gpu: bool, world_size: int) -> tuple[bool, Any]:
+    """(on_gpu, device) for this worker; a world of one gets its own process group (outside Ray)."""
+    import torch
+
+    on_gpu = use_gpu and torch.cuda.is_available()
+    if not on_gpu:
+        _skip_cpu_jit_builds()
+    if world_size == 1:
+        _init_single_process_distributed(on_gpu)
+    return on_gpu, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
+def initialize_engine(model: Any, train: TrainConfig, ds_config: dict[str, Any], total_steps: int,
+                      client_optimizer: bool) -> Any:
+    """``deepspeed.initialize`` with the run's optimizer and learning-rate schedule.
+
+    ``client_optimizer``: a torch AdamW from here (CPU: DeepSpeed's own CPU optimizers JIT-compile for
+    minutes) instead of the optimizer in ``ds_config`` (GPU: FusedAdam, or CPUAdam with offload).
+    """
+    import deepspeed
+    import torch
+
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    # On CPU a client torch AdamW: DeepSpeed's own CPU optimizers JIT-compile for minutes.
-    optimizer = None if on_gpu else torch.optim.AdamW(model.parameters(), lr=train.learning_rate,
-                                                      betas=tuple(train.adam_betas), weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, betas=tuple(train.adam_betas),
+                                  weight_decay=train.weight_decay) if client_optimizer else None
+    schedule = lr_multiplier(train, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=model.parameters() if on_gpu else None)
-    del zero3_context
-    return engine, tokenizer, device
+                                           model_parameters=None if client_optimizer else model.parameters(),
+                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
 
 
 def _resume(engine: Any, io: WorkerIO) -> tuple[int, int, int | None]:
@@ -129,7 +172,7 @@ def _fit(engine: Any, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: 
                 writers.write(metrics)
             if step >= total_steps:
                 break
-            _report(engine, io, train.checkpoint_every_steps, train.report_every_steps, metrics, epoch)
+            _report(engine, io, cfg, metrics, epoch)
             meter.restart_clock()
         else:
             epoch += 1
@@ -139,15 +182,15 @@ def _fit(engine: Any, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: 
     return probe, step, epoch
 
 
-def _report(engine: Any, io: WorkerIO, checkpoint_every: int, report_every: int, metrics: dict[str, Any],
-            epoch: int) -> None:
-    """A checkpoint every ``checkpoint_every`` steps, else metrics every ``report_every`` steps (each a barrier)."""
-    step = metrics["step"]
+def _report(engine: Any, io: WorkerIO, cfg: LookaheadConfig, metrics: dict[str, Any], epoch: int) -> None:
+    """A checkpoint every ``train.checkpoint_every_steps``, else metrics every ``train.report_every_steps``
+    (each report is a barrier across workers)."""
+    step, checkpoint_every = metrics["step"], cfg.train.checkpoint_every_steps
     if checkpoint_every and step % checkpoint_every == 0:
         with tempfile.TemporaryDirectory() as directory:
-            save_state(engine, directory, step, epoch)
+            save_state(engine, directory, step, epoch, cfg, io.world_rank)
             io.report(metrics, directory)
-    elif step % report_every == 0:
+    elif step % cfg.train.report_every_steps == 0:
         io.report(metrics)
 
 
