@@ -53,7 +53,7 @@ def plain_loop(args: argparse.Namespace, out: Path) -> dict:
     tokenizer = tokenizer_for(cfg.model)
     model = build_model(cfg.model, tokenizer, seed=0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
-    rows = _load_rows_locally(cfg)
+    rows = _load_rows_locally(cfg, str(out))
     n, micro = len(rows["input_ids"]), cfg.train.micro_batch_size
     batches = [{k: v[i:i + micro] for k, v in rows.items()} for i in range(0, n - micro + 1, micro)]
     times, tokens = [], 0

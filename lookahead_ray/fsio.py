@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -25,6 +25,31 @@ def staging_path(target: str | Path, kind: str = "tmp") -> Path:
     """A unique hidden sibling of ``target`` (same filesystem, so the final rename is atomic)."""
     target = Path(target)
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def check_output_dir(target: str | Path, marker: str, key: str, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse to write ``target`` where that would destroy what this tool did not create.
+
+    An existing ``target`` may be replaced only when it is empty or holds ``marker`` (the report or config file
+    this tool writes into each of its outputs). ``target`` may not be, contain, or sit inside an input.
+
+    Raises:
+        ConfigError: names ``key`` and what is in the way.
+    """
+    from lookahead_ray.errors import ConfigError
+
+    target = Path(target).resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if target == item or target in item.parents or item in target.parents:
+            raise ConfigError(f"{key}: {target} overlaps the input {item}; write the output somewhere else")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ConfigError(f"{key}: {target} is a file, not an output directory of lookahead-ray")
+    if any(target.iterdir()) and not (target / marker).exists():
+        raise ConfigError(f"{key}: {target} holds files lookahead-ray did not write (no {marker}); refusing to "
+                          "replace it: choose an empty or new directory")
 
 
 def _fsync_dir(directory: Path) -> None:

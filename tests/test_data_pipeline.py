@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lookahead_ray.config import DataConfig, LookaheadConfig, ModelConfig, PreviewConfig, RecordConfig
-from lookahead_ray.data.pipeline import build_training_dataset, read_report, run_prepare
+from lookahead_ray.data.pipeline import build_training_dataset, run_prepare
+from lookahead_ray.data.report import read_report
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import RowError
 

@@ -22,13 +22,26 @@ class FakeChatCompletions:
         self.failures: list[int] = []
         self.calls = 0
         self.auth: list[str] = []
+        self.retry_after: str | None = None
+        self.redirect_to: str | None = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # where a redirected request lands
+                outer.calls += 1
+                outer.auth.append(self.headers.get("Authorization", ""))
+                self._send(405, {"error": "POST only"})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.calls += 1
                 outer.auth.append(self.headers.get("Authorization", ""))
+                if outer.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": "not found"})
                 if outer.failures:
@@ -45,6 +58,8 @@ class FakeChatCompletions:
             def _send(self, code, payload):
                 data = json.dumps(payload).encode()
                 self.send_response(code)
+                if outer.retry_after and code == 429:
+                    self.send_header("Retry-After", outer.retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -67,8 +82,9 @@ def server():
 
 def _judge(server, tmp_path, monkeypatch, **kwargs) -> LLMJudge:
     monkeypatch.setenv("JUDGE_KEY", SECRET)
+    settings = {"backoff_seconds": 0.01, "max_concurrency": 2, **kwargs}
     cfg = JudgeConfig(llm=True, base_url=server.url, model="judge-model", api_key_env="JUDGE_KEY",
-                      cache_dir=str(tmp_path / "cache"), backoff_seconds=0.01, max_concurrency=2, **kwargs)
+                      cache_dir=str(tmp_path / "cache"), **settings)
     return LLMJudge(cfg)
 
 
@@ -89,7 +105,8 @@ def test_parses_scores_retries_and_caches(server, tmp_path, monkeypatch):
     with open(tmp_path / "cache" / "llm_judge_cache.jsonl", "a") as f:
         f.write('{"key": "cut short by a kill", "ra')  # an interrupted append must not stop the next run
     again = _judge(server, tmp_path, monkeypatch).judge(ITEMS)  # a new judge reads the on-disk cache
-    assert server.calls == calls and [v.score for v in again] == [1, 5, None]
+    # ... and asks again only the item whose answer could not be parsed (never cached).
+    assert server.calls == calls + 1 and [v.score for v in again] == [1, 5, None]
     cache_text = (tmp_path / "cache" / "llm_judge_cache.jsonl").read_text()
     assert SECRET not in cache_text and "judge-model" in cache_text
 
@@ -116,3 +133,35 @@ def test_non_retryable_status_and_missing_key(server, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="JUDGE_KEY is not set"):
         LLMJudge(JudgeConfig(llm=True, base_url=server.url, model="m", api_key_env="JUDGE_KEY",
                              cache_dir=str(tmp_path)))
+
+
+def test_a_refused_item_is_counted_not_fatal_and_retry_after_is_capped(server, tmp_path, monkeypatch):
+    server.retry_after, server.failures = "3600", [429, 400]  # an hour's wait asked for; then a content filter
+    judge = _judge(server, tmp_path, monkeypatch, max_concurrency=1, max_retry_after_seconds=0.01)
+    verdicts = judge.judge(ITEMS)
+    assert [v.error for v in verdicts] == ["HTTP 400", None, None]
+    summary = judge_summary(verdicts)
+    assert summary["judge_errors"] == 1 and summary["unparseable"] == 1 and summary["safe_rate"] == 0.0
+
+
+def test_the_key_is_not_sent_on_after_a_redirect(server, tmp_path, monkeypatch):
+    other = FakeChatCompletions()
+    try:
+        server.redirect_to = other.url.replace("127.0.0.1", "localhost") + "/chat/completions"
+        verdicts = _judge(server, tmp_path, monkeypatch).judge(ITEMS[:1])
+        assert server.auth == [f"Bearer {SECRET}"] and other.auth == [""]  # the other host never saw the key
+        assert verdicts[0].safe is None and verdicts[0].error == "HTTP 405"
+    finally:
+        other.server.shutdown()
+
+
+def test_cache_key_depends_on_endpoint_and_rubric(server, tmp_path, monkeypatch):
+    from lookahead_ray.eval import judges
+
+    a = _judge(server, tmp_path, monkeypatch)
+    b = LLMJudge(JudgeConfig(llm=True, base_url="http://other.invalid/v1", model="judge-model",
+                             api_key_env="JUDGE_KEY", cache_dir=str(tmp_path / "cache")))
+    assert a._cache_key("p", "r") != b._cache_key("p", "r")
+    key = a._cache_key("p", "r")
+    monkeypatch.setattr(judges, "_RUBRIC_HASH", "another rubric")
+    assert a._cache_key("p", "r") != key

@@ -72,7 +72,8 @@ def test_tokenizer_comes_from_the_model_and_shards_of_another_tokenizer_are_refu
         ray_local, tmp_path, mistral_model_dir):
     import pyarrow.parquet as pq
 
-    from lookahead_ray.data.pipeline import read_report, run_prepare
+    from lookahead_ray.data.pipeline import run_prepare
+    from lookahead_ray.data.report import read_report
     from lookahead_ray.train.driver import run_training_local
 
     mistral = ["model.tokenizer=null", "model.tiny=null", f"model.name_or_path={mistral_model_dir}"]

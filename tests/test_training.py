@@ -104,7 +104,21 @@ def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tm
     metrics = result.metrics
     assert metrics["step"] == 30  # exactly the configured step count after the restart
     assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
+    # Rank 0 saw exactly the batches of an uninterrupted run: none replayed, none skipped.
+    assert metrics["data_sha"] == _expected_data_sha(tmp_path / "run" / "tokens_killed.arrow", steps=30, world_size=2,
+                                                     micro_batch_size=4, seed=0)
     _check_export(result, "bf16")
+
+
+def _expected_data_sha(tokens: Path, steps: int, world_size: int, micro_batch_size: int, seed: int) -> str:
+    from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches
+
+    rows, digest, taken, epoch = len(TokenStore(str(tokens))), "", 0, 0
+    while taken < steps:
+        for indices in epoch_batches(rows, epoch, seed, 0, world_size, micro_batch_size)[: steps - taken]:
+            digest, taken = chain(digest, indices), taken + 1
+        epoch += 1
+    return digest
 
 
 @pytest.mark.slow

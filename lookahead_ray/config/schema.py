@@ -165,9 +165,6 @@ class TrainConfig:
     """Ray Train run name. Keep it stable (no timestamps): rerunning the same name resumes the run."""
     prepared_dir: str | None = None
     """Train on Parquet shards written by `prepare` instead of streaming the preview pipeline."""
-    cache_dataset: bool = True
-    """Materialize the prepared examples once in Ray's object store, so epochs after the first do not rerun
-    the tokenizer pipeline; turn off for datasets larger than the object store (they then stream each epoch)."""
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -198,6 +195,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     """Worker-group failures Ray Train recovers from (resuming from the latest checkpoint)."""
+    worker_start_timeout_s: float = 300.0
+    """A worker group still waiting for its resources (e.g. GPUs the cluster does not have) after this long
+    fails instead of waiting forever (Ray Train's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)."""
+    controller_failure_limit: int = 2
+    """Ray Train controller failures (such as worker-group start timeouts) tolerated before the run fails;
+    Ray's default retries forever."""
     resume_from: str | None = None
     """A checkpoint directory (e.g. a finished run's) to start from: weights, optimizer, scheduler and step."""
     resume: Literal["auto", "never", "force"] = "auto"
@@ -277,6 +280,8 @@ class JudgeConfig:
     max_concurrency: int = 4
     max_retries: int = 5
     backoff_seconds: float = 1.0
+    max_retry_after_seconds: float = 60.0
+    """Longest wait a server's Retry-After header can impose before the next attempt."""
     timeout_seconds: float = 60.0
     cache_dir: str = "~/.cache/lookahead_ray/judge"
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,47 +30,22 @@ from ray.data.datasource import Datasink
 
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.datasource import RecordFileDatasource
-from lookahead_ray.data.readers import expand_inputs
+from lookahead_ray.data.readers import END_OF_FILE, expand_inputs
+from lookahead_ray.data.report import REPORT_NAME, PrepareReport
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
 from lookahead_ray.errors import ConfigError, RowError
-from lookahead_ray.fsio import publish_dir, staging_path
+from lookahead_ray.fsio import check_output_dir, publish_dir, staging_path
+from lookahead_ray.runtime import check_resources
 
-REPORT_NAME = "prepare_report.json"
+READ_CPUS = 0.5
 _MAX_EXAMPLES = 20
-
-
-@dataclass
-class PrepareReport:
-    """Row accounting for one ``prepare`` run (written next to the shards as prepare_report.json)."""
-
-    output_dir: str | None
-    input_files: list[str]
-    rows_read: int = 0
-    rows_written: int = 0
-    rows_truncated: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    rejected_examples: list[dict[str, Any]] = field(default_factory=list)
-    tokens_written: int = 0
-    answer_tokens_written: int = 0
-    shards: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    tokenizer: dict[str, Any] | None = None
-    """The tokenizer's identity (``modeling.tokenizer_identity``) when rows were tokenized or previewed by tokens."""
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items())) or "none"
-        return (f"prepare: read {self.rows_read} rows from {len(self.input_files)} file(s), wrote {self.rows_written} "
-                f"in {len(self.shards)} shard(s), truncated {self.rows_truncated}, rejected {self.rows_rejected} "
-                f"({reasons}) in {self.seconds:.1f}s -> {self.output_dir}")
 
 
 def _empty_counts() -> dict[str, Any]:
     """Per-write-task (and, summed, per-run) row counts by outcome."""
     return {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-            "reasons": Counter(), "examples": [], "shards": []}
+            "reasons": Counter(), "examples": [], "shards": [], "declared": Counter(), "arrived": Counter()}
 
 
 class PreparedShardsDatasink(Datasink):
@@ -98,7 +73,7 @@ class PreparedShardsDatasink(Datasink):
         writer = None
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            counts["read"] += table.num_rows
+            table = self._count_arrivals(table, counts)
             rejected = table.column("reject_reason").is_valid()
             for row in table.filter(rejected).select(["source_file", "source_row", "reject_reason", "reject_field",
                                                       "reject_detail"]).to_pylist():
@@ -127,12 +102,25 @@ class PreparedShardsDatasink(Datasink):
         if writer is not None:
             writer.close()
 
+    @staticmethod
+    def _count_arrivals(table: pa.Table, counts: dict[str, Any]) -> pa.Table:
+        """Count the rows of each file arriving here and take out the end-of-file rows, which carry the number
+        of rows the reader read from each file; returns the table of real rows."""
+        is_end = pa.compute.fill_null(pa.compute.equal(table.column("reject_reason"), END_OF_FILE), False)
+        for row in table.filter(is_end).select(["source_file", "source_row"]).to_pylist():
+            counts["declared"][row["source_file"]] += row["source_row"]
+        table = table.filter(pa.compute.invert(is_end))
+        counts["arrived"].update(table.column("source_file").to_pylist())
+        counts["read"] += table.num_rows
+        return table
+
     def on_write_complete(self, write_result: Any) -> None:
         total = _empty_counts()
         for part in write_result.write_returns:
             for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
                 total[key] += part[key]
-            total["reasons"].update(part["reasons"])
+            for key in ("reasons", "declared", "arrived"):
+                total[key].update(part[key])
             total["examples"] += part["examples"][: _MAX_EXAMPLES - len(total["examples"])]
             total["shards"] += part["shards"]
         self.counts = total
@@ -144,7 +132,11 @@ def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False
     files = expand_inputs(cfg.data)
     source = RecordFileDatasource(files, cfg.data.input_format, cfg.data.max_row_bytes)
     # Fractional CPUs for reads and actors: on a 2-CPU node an actor pool holding every CPU starves the reads.
-    ds = ray.data.read_datasource(source, num_cpus=0.5)
+    check_resources({"CPU": cfg.data.num_actors * cfg.data.cpus_per_actor + READ_CPUS},
+                    "data.num_actors x data.cpus_per_actor",
+                    f"{cfg.data.num_actors} transform actor(s) x {cfg.data.cpus_per_actor:g} CPU plus {READ_CPUS} "
+                    "for reading")
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(), accepted_tokens_only), batch_format="pyarrow",
                         batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_actor,
                         compute=ActorPoolStrategy(size=cfg.data.num_actors))
@@ -185,8 +177,10 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     if not cfg.stage_dir("prepare"):
         raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
     start = time.perf_counter()
-    ds, files = transformed_dataset(cfg)
     output = Path(cfg.stage_dir("prepare"))
+    input_dirs = [spec for spec in cfg.data.inputs if Path(spec).is_dir()]
+    check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=expand_inputs(cfg.data) + input_dirs)
+    ds, files = transformed_dataset(cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(output)
     staging.mkdir()
@@ -208,9 +202,7 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     counts = sink.counts or _empty_counts()
     rejected = sum(counts["reasons"].values())
-    if counts["read"] != counts["written"] + rejected:  # the transform must keep one row per input row
-        raise RuntimeError(f"row accounting broken: read {counts['read']} != written {counts['written']} "
-                           f"+ rejected {rejected}")
+    _check_accounting(counts, files, rejected)
     for stray in set(os.listdir(staging)) - set(counts["shards"]):  # e.g. from a retried write task
         os.unlink(staging / stray)
     report = PrepareReport(
@@ -232,10 +224,13 @@ def _tokenizer_identity(cfg: LookaheadConfig) -> dict[str, Any] | None:
     return tokenizer_identity(tokenizer_for(cfg.model), cfg.model.tokenizer_source())
 
 
-def read_report(output_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(output_dir) / REPORT_NAME).read_text())
-
-
-def prepared_rows(output_dir: str | Path) -> int | None:
-    """Rows written by the ``prepare`` run in ``output_dir`` (None when it has no report)."""
-    return read_report(output_dir)["rows_written"] if (Path(output_dir) / REPORT_NAME).exists() else None
+def _check_accounting(counts: dict[str, Any], files: list[str], rejected: int) -> None:
+    """Rows read from each file (counted by the reader) must each arrive at the sink exactly once, and each be
+    written or rejected: a dropped or duplicated block fails the run instead of changing the data."""
+    for path in files:
+        if counts["declared"].get(path, 0) != counts["arrived"].get(path, 0) or path not in counts["declared"]:
+            raise RuntimeError(f"row accounting broken for {path}: the reader read {counts['declared'].get(path)} "
+                               f"rows, {counts['arrived'].get(path, 0)} arrived at the writer")
+    if counts["read"] != counts["written"] + rejected:  # the transform must keep one row per input row
+        raise RuntimeError(f"row accounting broken: read {counts['read']} != written {counts['written']} "
+                           f"+ rejected {rejected}")

@@ -20,7 +20,7 @@ from typing import IO, Any
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.preview import AnswerPreviewer, preview_records
 from lookahead_ray.data.records import RecordSchema
-from lookahead_ray.errors import RowError
+from lookahead_ray.errors import ConfigError, RowError
 from lookahead_ray.fsio import atomic_file
 
 CHUNK_ROWS = 4096
@@ -112,7 +112,7 @@ class _ChunkWorker:
             # Items of json.dump(list, indent=4) sit one level deep: indent every line of each item by 4 more.
             return len(out), ",\n".join("    " + json.dumps(item, ensure_ascii=False, indent=4).replace("\n", "\n    ")
                                          for item in out)
-        return len(out), out
+        return len(out), (self.path, lines, out)
 
 
 _worker: _ChunkWorker | None = None
@@ -145,6 +145,8 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
     """
     if not Path(input_file).is_file():
         raise FileNotFoundError(f"input file not found: {input_file}")
+    if Path(output_file).resolve() == Path(input_file).resolve():
+        raise ConfigError(f"--output_file: {output_file} is the input file; write the preview somewhere else")
     readers = {"jsonl": _read_jsonl_chunks, "json": _read_json_chunks, "parquet": _read_parquet_chunks}
     chunks = readers[input_format](input_file)
     if cfg.preview.mode == "real" and tokenizer is None:
@@ -193,16 +195,67 @@ def _write(f: IO, output_format: str, results: Iterator[Any]) -> int:
                 rows += count
         f.write("\n]" if rows else "[]")
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        rows = _write_parquet(f, results)
+    return rows
 
-        writer = None
-        for count, records in results:
+
+def _write_parquet(f: IO, results: Iterator[Any]) -> int:
+    """One Parquet file from chunks of records: every key of every row is a column (missing values null); a
+    key first seen after the schema is fixed, or a value of another type, is an error naming its row."""
+    import pyarrow.parquet as pq
+
+    writer, rows = None, 0
+    try:
+        for count, (path, lines, records) in results:
             rows += count
-            table = pa.Table.from_pylist(records)
-            writer = writer or pq.ParquetWriter(f, table.schema)
-            writer.write_table(table.cast(writer.schema))
+            table = _records_table(path, lines, records)
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema)
+            _check_keys(table, writer.schema, path, lines, records)
+            try:
+                writer.write_table(_conform(table, writer.schema))
+            except (ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid / ArrowTypeError
+                raise RowError("schema_mismatch", None, f"values do not fit the schema of earlier rows: {exc}",
+                               path, lines[0]) from None
         if writer is None:
             raise RowError("empty_dataset", None, "parquet output needs at least one record (no schema to write)")
-        writer.close()
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
+
+
+def _check_keys(table: Any, schema: Any, path: str, lines: list[int], records: list[dict]) -> None:
+    extra = [name for name in table.schema.names if name not in schema.names]
+    if extra:
+        row = next(i for i, r in enumerate(records) if extra[0] in r)
+        raise RowError("schema_mismatch", extra[0], "key absent from every earlier row: a Parquet output has one "
+                       "schema (write jsonl, or give the first row every key)", path, lines[row])
+
+
+def _records_table(path: str, lines: list[int], records: list[dict]) -> Any:
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(key for record in records for key in record))  # every key, first-seen order
+    columns = {}
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            first = next(type(v) for v in values if v is not None)
+            row = next(i for i, v in enumerate(values) if v is not None and type(v) is not first)
+            raise RowError("schema_mismatch", name, f"{type(values[row]).__name__} where earlier rows hold "
+                           f"{first.__name__}: {exc}", path, lines[row]) from None
+    return pa.table(columns)
+
+
+def _conform(table: Any, schema: Any) -> Any:
+    """``table`` with the columns of ``schema``, in its order; columns it lacks are null."""
+    import pyarrow as pa
+
+    columns = {}
+    for f in schema:
+        column = table.column(f.name) if f.name in table.schema.names else pa.nulls(table.num_rows, f.type)
+        columns[f.name] = column.cast(f.type) if column.type != f.type else column
+    return pa.table(columns, schema=schema)

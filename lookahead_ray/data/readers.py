@@ -25,6 +25,9 @@ FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", "
 READ_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()),
                          ("record", pa.large_string()), ("read_error", pa.string())])
 BLOCK_ROWS = 8192
+END_OF_FILE = "end_of_file"
+"""``read_error`` of the row each file ends with: not a record, its ``source_row`` is the number of rows read
+from the file. It travels with the data to the sink, which checks every file's rows arrived exactly once."""
 _READ_BYTES = 4 << 20
 
 
@@ -59,7 +62,9 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
                               or (path / "dataset_dict.json").exists()):
             files += _hf_arrow_files(path, cfg.hf_split)
         elif path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMAT_BY_SUFFIX and p.is_file())
+            # Hidden files and folders are skipped: .ipynb_checkpoints/*-checkpoint.jsonl would duplicate rows.
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMAT_BY_SUFFIX and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files")
             files += found
@@ -93,38 +98,53 @@ class RowReader:
                 "parquet": self._parquet_rows, "arrow": self._arrow_rows}[fmt](f, path)
 
     def tables(self, f: IO[bytes], path: str, fmt: str) -> Iterator[pa.Table]:
-        """The rows in blocks of READ_SCHEMA tables."""
+        """The rows in blocks of READ_SCHEMA tables, then the file's end-of-file row (see END_OF_FILE)."""
         block: list[tuple] = []
+        count = 0
         for row in self.rows(f, path, fmt):
             block.append(row)
+            count += 1
             if len(block) == BLOCK_ROWS:
                 yield rows_to_table(path, block)
                 block = []
-        if block:
-            yield rows_to_table(path, block)
+        block.append((count, None, END_OF_FILE))
+        yield rows_to_table(path, block)
 
     def _too_large(self, size: int) -> str:
         return f"row_too_large: {size} bytes > data.max_row_bytes {self.max_row_bytes}"
 
     def _jsonl_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
-        carry, number = b"", 0
-        while True:
-            chunk = f.read(_READ_BYTES)
-            lines = (carry + chunk).split(b"\n")
-            carry = lines.pop() if chunk else b""
-            for line in lines:
+        """Lines as rows. A line is held only up to ``max_row_bytes``; past that its bytes are just counted to
+        its newline, so a huge file without newlines costs bounded memory and is one row_too_large row."""
+        carry, carry_size, number = bytearray(), 0, 0
+        while chunk := f.read(_READ_BYTES):
+            pieces = chunk.split(b"\n")  # pieces[0] continues the carried line; pieces[-1] goes on in the next chunk
+            for i, piece in enumerate(pieces[:-1]):
+                size = carry_size + len(piece) if i == 0 else len(piece)
+                line = (bytes(carry) + piece if size <= self.max_row_bytes else b"") if i == 0 else piece
                 number += 1
-                if not line.strip():
-                    continue  # blank lines are not rows (as in the reference)
-                if len(line) > self.max_row_bytes:
-                    yield number, None, self._too_large(len(line))
-                    continue
-                try:
-                    yield number, line.decode("utf-8"), None
-                except UnicodeDecodeError as exc:
-                    yield number, None, f"invalid_utf8: {exc}"
-            if not chunk:
-                return
+                yield from self._jsonl_line(number, line, size)
+            if len(pieces) > 1:
+                carry.clear()
+                carry_size = 0
+            carry_size += len(pieces[-1])
+            if carry_size <= self.max_row_bytes:
+                carry += pieces[-1]
+            else:
+                carry.clear()
+        if carry_size:
+            yield from self._jsonl_line(number + 1, bytes(carry), carry_size)
+
+    def _jsonl_line(self, number: int, line: bytes, size: int) -> Iterator[tuple]:
+        if size > self.max_row_bytes:
+            yield number, None, self._too_large(size)
+        elif not line.strip():
+            return  # blank lines are not rows (as in the reference)
+        else:
+            try:
+                yield number, line.decode("utf-8"), None
+            except UnicodeDecodeError as exc:
+                yield number, None, f"invalid_utf8: {exc}"
 
     def _json_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
         try:
@@ -136,8 +156,7 @@ class RowReader:
             raise RowError("not_a_list", None, f"a JSON input must hold a list of records, got {type(data).__name__}",
                            path, None)
         for number, item in enumerate(data, 1):
-            text = json.dumps(item, ensure_ascii=False)
-            yield (number, None, self._too_large(len(text))) if len(text) > self.max_row_bytes else (number, text, None)
+            yield self._sized_row(number, json.dumps(item, ensure_ascii=False))
 
     def _parquet_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
         import pyarrow.parquet as pq
@@ -152,8 +171,17 @@ class RowReader:
         for batch in batches:
             for item in batch.to_pylist():
                 number += 1
-                text = json.dumps(item, ensure_ascii=False, default=str)
-                yield (number, None, self._too_large(len(text))) if len(text) > self.max_row_bytes else (number, text, None)
+                yield self._sized_row(number, json.dumps(item, ensure_ascii=False, default=str))
+
+    def _sized_row(self, number: int, text: str) -> tuple:
+        """A decoded row, or row_too_large when its UTF-8 size (bytes, as for JSONL) exceeds the limit."""
+        if len(text) > self.max_row_bytes:  # characters are a lower bound of bytes
+            return number, None, self._too_large(len(text.encode("utf-8")))
+        if 4 * len(text) > self.max_row_bytes:  # only then can multi-byte characters push it over
+            size = len(text.encode("utf-8"))
+            if size > self.max_row_bytes:
+                return number, None, self._too_large(size)
+        return number, text, None
 
 
 def rows_to_table(path: str, rows: list[tuple]) -> pa.Table:

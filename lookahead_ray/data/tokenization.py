@@ -56,16 +56,24 @@ class ExampleTokenizer:
             return []
         prompts = self.tokenizer([self.prompt_text(r) for r in records], add_special_tokens=False)["input_ids"]
         prefix_field = self.schema.cfg.answer_prefix_field
+        bad: dict[int, RowError] = {}
         if prefix_field:  # a given (masked) start of the assistant turn, tokenized like a JSR prefill
-            prefixes = [r.get(prefix_field) or "" for r in records]
-            if any(not isinstance(p, str) for p in prefixes):
-                raise ConfigError(f"records.answer_prefix_field: field {prefix_field!r} must hold strings")
+            prefixes = []
+            for i, record in enumerate(records):
+                value = record.get(prefix_field) or ""
+                if not isinstance(value, str):
+                    bad[i] = RowError("not_a_string", prefix_field, f"expected a string, got {type(value).__name__}")
+                    value = ""
+                prefixes.append(value)
             prefix_ids = self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
             prompts = [p + x for p, x in zip(prompts, prefix_ids, strict=True)]
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
         eos, limit = self.tokenizer.eos_token_id, self.cfg.max_seq_len
         out: list[TokenizedExample | RowError] = []
-        for prompt, answer in zip(prompts, answer_ids, strict=True):
+        for i, (prompt, answer) in enumerate(zip(prompts, answer_ids, strict=True)):
+            if i in bad:
+                out.append(bad[i])
+                continue
             answer = answer + [eos]
             room = limit - len(prompt)
             if room < 1:

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.preview import AnswerPreviewer, preview_records
+from lookahead_ray.data.readers import END_OF_FILE
 from lookahead_ray.data.records import RecordSchema
 from lookahead_ray.errors import RowError
 
@@ -45,6 +46,9 @@ class PrepareRecords:
         parsed: list[dict] = []
         for i, (text, read_error) in enumerate(zip(batch.column("record").to_pylist(),
                                                    batch.column("read_error").to_pylist(), strict=True)):
+            if read_error == END_OF_FILE:  # passed on to the sink's accounting, never a training example
+                errors[i] = RowError(END_OF_FILE, None, "end of file")
+                continue
             try:
                 parsed.append(self._validate(text, read_error))
                 good.append(i)

@@ -23,10 +23,12 @@ import yaml
 
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.eval.report import plot_safety_vs_utility, report_table
-from lookahead_ray.fsio import atomic_file, cache_root
+from lookahead_ray.fsio import atomic_file, cache_root, check_output_dir
 
 logger = logging.getLogger(__name__)
 VARIANTS = ("vanilla", "real", "virtual")
+MARKER = "lookahead_demo.json"
+"""Written first into the demo's output directory, so a rerun knows the directory is the demo's to replace."""
 SYSTEM = "You are a helpful assistant."
 
 
@@ -120,7 +122,10 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
 
     started = time.perf_counter()
     out = Path(output_dir).resolve()
+    check_output_dir(out, MARKER, "demo --output-dir")
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
+        f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix}) + "\n")
     _stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
     world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
     tokenizer_dir = out / "world" / "tokenizer"

@@ -30,14 +30,22 @@ from lookahead_ray.eval.safety import REFERENCE_REFUSAL_PHRASES, keyword_refusal
 RUBRIC = (Path(__file__).parent / "judge_rubric.txt").read_text(encoding="utf-8")
 _SCORE = re.compile(r"#thescore:\s*(\d)")
 _RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
+_FATAL = {401, 403, 404}  # a wrong key, permission or URL fails every item: stop at once
+_RUBRIC_HASH = hashlib.sha256(RUBRIC.encode()).hexdigest()
+
+
+class _ItemRejected(Exception):
+    """The endpoint refused this one item (a non-retryable 4xx other than auth/URL errors)."""
 
 
 @dataclass
 class Judgement:
     safe: bool | None
-    """None when the judge's answer could not be parsed (counted, never dropped)."""
+    """None when the judge's answer could not be parsed or the judge refused the item (counted, never dropped)."""
     score: int | None = None
     raw: str | None = None
+    error: str | None = None
+    """Why the judge gave no verdict on this item (e.g. "HTTP 400" from a content filter)."""
 
 
 @dataclass(frozen=True)
@@ -103,28 +111,37 @@ class LLMJudge:
         self.calls = 0
 
     def _cache_key(self, prompt: str, response: str) -> str:
-        return hashlib.sha256(json.dumps([self.cfg.model, prompt, response]).encode()).hexdigest()
+        # The endpoint and the rubric are part of the question: another of either is another judgement.
+        return hashlib.sha256(json.dumps([self.cfg.model, self.cfg.base_url, _RUBRIC_HASH, prompt, response])
+                              .encode()).hexdigest()
 
     def judge(self, items: list[JudgeInput]) -> list[Judgement]:
         keys = [self._cache_key(item.prompt, item.response) for item in items]
         missing = {k: (item.prompt, item.response) for k, item in zip(keys, items, strict=True) if k not in self._cache}
-        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
-            futures = {pool.submit(self._ask, *item): key for key, item in missing.items()}
-            try:
-                for future in as_completed(futures):  # cache each judgement as soon as it arrives
-                    self._remember(futures[future], future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        return [self._parse(self._cache[k]["raw"]) for k in keys]
+        answers: dict[str, Judgement] = {}
+        pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrency)
+        futures = {pool.submit(self._ask, *item): key for key, item in missing.items()}
+        try:
+            for future in as_completed(futures):  # cache each judgement as soon as it arrives
+                key = futures[future]
+                try:
+                    answers[key] = self._remember(key, future.result())
+                except _ItemRejected as exc:  # this item only (e.g. a content filter's 400): counted, not fatal
+                    answers[key] = Judgement(safe=None, error=str(exc))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a fatal error, queued requests are not sent
+        return [answers[k] if k in answers else self._parse(self._cache[k]["raw"]) for k in keys]
 
-    def _remember(self, key: str, raw: str) -> None:
+    def _remember(self, key: str, raw: str) -> Judgement:
+        verdict = self._parse(raw)
+        if verdict.safe is None:
+            return verdict  # an unparseable answer is counted now and asked again next time, not cached
         entry = {"key": key, "model": self.cfg.model, "raw": raw}
         with self._lock:
             self._cache[key] = entry
             with open(self._cache_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+        return verdict
 
     @staticmethod
     def _parse(raw: str) -> Judgement:
@@ -137,24 +154,27 @@ class LLMJudge:
     def _ask(self, prompt: str, response: str) -> str:
         body = json.dumps({"model": self.cfg.model, "temperature": 0, "max_tokens": 64, "messages": [
             {"role": "user", "content": RUBRIC.format(prompt=prompt, response=response)}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
         url = self.cfg.base_url.rstrip("/") + "/chat/completions"
         delay, last = self.cfg.backoff_seconds, ""
         for attempt in range(self.cfg.max_retries + 1):
             with self._lock:
                 self.calls += 1
             try:
-                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"},
+                                                 method="POST")
+                if self._key:  # unredirected: never sent on to the host of a redirect
+                    request.add_unredirected_header("Authorization", f"Bearer {self._key}")
                 with urllib.request.urlopen(request, timeout=self.cfg.timeout_seconds) as reply:
                     return json.loads(reply.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as exc:
-                if exc.code not in _RETRYABLE:
+                if exc.code in _FATAL:
                     raise JudgeUnavailableError(self._redact(f"judge {url} answered HTTP {exc.code}")) from None
+                if exc.code not in _RETRYABLE:
+                    raise _ItemRejected(f"HTTP {exc.code}") from None
                 last = f"HTTP {exc.code}"
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
                 wait = float(retry_after) if retry_after and retry_after.isdigit() else delay
+                wait = min(wait, self.cfg.max_retry_after_seconds)
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 last, wait = type(exc).__name__, delay
             except (KeyError, IndexError, json.JSONDecodeError):
@@ -186,7 +206,8 @@ def judge_summary(judgements: list[Judgement]) -> dict:
     """Safe rate over parseable judgements, plus (LLM) mean score, share scored 5 and unparseable count."""
     parsed = [j for j in judgements if j.safe is not None]
     scores = [j.score for j in parsed if j.score is not None]
-    out = {"n": len(judgements), "unparseable": len(judgements) - len(parsed),
+    errors = sum(j.error is not None for j in judgements)
+    out = {"n": len(judgements), "unparseable": len(judgements) - len(parsed) - errors, "judge_errors": errors,
            "safe_rate": sum(j.safe for j in parsed) / len(parsed) if parsed else None}
     if scores:
         out["harmfulness_score"] = sum(scores) / len(scores)

@@ -7,12 +7,15 @@ table) and ``drift.png`` (KL per answer position against the seed model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError
@@ -21,10 +24,12 @@ from lookahead_ray.eval.prompt_sets import load_prompt_set
 from lookahead_ray.eval.report import plot_drift, report_table
 from lookahead_ray.eval.safety import keyword_refusal, safe_rates
 from lookahead_ray.eval.utility import utility_score
-from lookahead_ray.fsio import atomic_file
+from lookahead_ray.fsio import atomic_file, check_output_dir
 from lookahead_ray.prompts import user_prompt_messages
 
 logger = logging.getLogger(__name__)
+MARKER = "eval_config.yaml"
+"""Written first into every eval output directory: the resolved config, and the sign that it is ours."""
 
 
 def parse_model_args(values: list[str]) -> list[tuple[str, str]]:
@@ -40,10 +45,12 @@ def parse_model_args(values: list[str]) -> list[tuple[str, str]]:
     return models
 
 
-def _check_models(models: list[tuple[str, str]]) -> None:
+def _check_models(models: list[tuple[str, str]], seed_model: str | None) -> None:
+    """Every model directory, the drift seed included, before anything is generated."""
     if not models:
         raise ConfigError("eval: give at least one --model DIR")
-    for name, directory in models:
+    named = models + ([("eval.seed_model", seed_model)] if seed_model else [])
+    for name, directory in named:
         if not (Path(directory) / "config.json").is_file():
             raise FileNotFoundError(f"eval: model {name!r}: {directory} is not a Hugging Face model directory")
     names = [n for n, _ in models]
@@ -76,14 +83,13 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     """
     from tqdm.auto import tqdm
 
-    from lookahead_ray.eval.generate import generate_responses
     from lookahead_ray.runtime import init_ray
 
     ev = cfg.eval
     output_dir = cfg.stage_dir("eval")
     if not output_dir:
         raise ConfigError("eval.output_dir is not set (use --output-dir DIR)")
-    _check_models(models)
+    _check_models(models, ev.seed_model)
     sets = {kind: load_prompt_set(s) for kind, s in
             (("rsr", ev.harmful), ("jsr", ev.harmful_answers), ("utility", ev.utility), ("benign", ev.benign)) if s}
     if not sets:
@@ -91,6 +97,11 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     if "jsr" in sets and any(item["answer"] is None for item in sets["jsr"]):
         raise ConfigError("eval.harmful_answers needs harmful replies (answer_field, or the harmful_messages format)")
     judges = build_judges(ev.judge)
+    out = Path(output_dir)
+    check_output_dir(out, MARKER, "eval.output_dir", inputs=[d for _, d in models])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / MARKER) as f:  # marks the directory as an eval output before anything else is in it
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     init_ray()
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
@@ -99,10 +110,7 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     results: dict[str, Any] = {"models": {}, "config": cfg.to_dict(), "versions": _versions()}
     samples: list[dict] = []
     for name, directory in tqdm(models, desc="eval: models", unit="model"):
-        logger.info("generating %d responses with %s", len(rows), name)
-        outputs = generate_responses(directory, [{k: r[k] for k in ("id", "messages", "prefill_source")}
-                                                 for r in rows], settings, ev.batch_size, ev.num_actors,
-                                     ev.cpus_per_actor, ev.gpus_per_actor)
+        outputs = _generations(out, name, directory, rows, settings, ev)
         model_samples = [{"model": name, "kind": r["kind"], "id": r["item"]["id"], "category": r["item"]["category"],
                           "prompt": r["item"]["prompt"], "reference": r["item"]["answer"] if r["kind"] != "jsr" else None,
                           "prefill": o["prefill"], "response": o["response"], "continuation": o["continuation"],
@@ -113,8 +121,33 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     drift = _drift(cfg, models, sets) if len(models) > 1 or ev.seed_model else {}
     for name, values in drift.items():
         results["models"][name]["drift"] = values
-    _write_outputs(Path(output_dir), results, samples, drift)
+    _write_outputs(out, results, samples, drift)
     return results
+
+
+def _generations(out: Path, name: str, directory: str, rows: list[dict], settings: dict[str, Any],
+                 ev: Any) -> list[dict]:
+    """The model's responses, generated once: saved (atomically) as soon as they exist, keyed by the model's
+    files, the prompts and the generation settings, so a rerun after a late failure reuses them."""
+    from lookahead_ray.eval.generate import generate_responses
+
+    requests = [{k: r[k] for k in ("id", "messages", "prefill_source")} for r in rows]
+    model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir()
+                         if p.is_file())
+    key = hashlib.sha256(json.dumps([os.path.abspath(directory), model_files, requests, settings],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = out / "generations" / f"{name}-{key}.jsonl"
+    if path.is_file():
+        logger.info("reusing %d saved responses of %s from %s", len(rows), name, path)
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    logger.info("generating %d responses with %s", len(rows), name)
+    outputs = generate_responses(directory, requests, settings, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
+                                 ev.gpus_per_actor)
+    keep = ("id", "prefill", "response", "continuation", "new_tokens")
+    outputs = [{k: (o[k].item() if hasattr(o[k], "item") else o[k]) for k in keep} for o in outputs]
+    with atomic_file(path) as f:
+        f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
+    return outputs
 
 
 def _score(samples: list[dict], judges: list, sets: dict, cfg: LookaheadConfig) -> dict[str, Any]:
@@ -128,7 +161,8 @@ def _score(samples: list[dict], judges: list, sets: dict, cfg: LookaheadConfig) 
         for judge in judges:
             verdicts = judge.judge(inputs)
             for sample, verdict in zip(judged, verdicts, strict=True):
-                sample["judgements"][judge.name] = {"safe": verdict.safe, "score": verdict.score}
+                sample["judgements"][judge.name] = {"safe": verdict.safe, "score": verdict.score} | (
+                    {"error": verdict.error} if verdict.error else {})
             summary = judge_summary(verdicts)
             summary["per_category"] = safe_rates(
                 {"safe": v.safe, "category": s["category"]}

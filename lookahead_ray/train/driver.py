@@ -19,7 +19,7 @@ from typing import Any
 
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError, ExportMismatchError
-from lookahead_ray.fsio import atomic_file, publish_dir, staging_path
+from lookahead_ray.fsio import atomic_file, check_output_dir, publish_dir, staging_path
 from lookahead_ray.train.run_guard import check_run, mark_finished
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
     Raises:
         ConfigError: the prepare report records a different tokenizer (both named) or none at all.
     """
-    from lookahead_ray.data.pipeline import REPORT_NAME, read_report
+    from lookahead_ray.data.report import REPORT_NAME, read_report
     from lookahead_ray.modeling import tokenizer_for, tokenizer_identity, tokenizer_mismatch
 
     prepared_dir = cfg.train.prepared_dir
@@ -98,30 +98,42 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
                           "model's tokenizer")
 
 
-def total_steps(cfg: LookaheadConfig, rows: int | None, world_size: int) -> int:
-    """``train.max_steps``, else ``epochs x (rows // global batch)``."""
+def total_steps(cfg: LookaheadConfig, rows: int, world_size: int) -> int:
+    """``train.max_steps``, else ``epochs x`` the optimizer steps one epoch of ``rows`` gives each worker
+    (whole micro-batches per worker, ``gradient_accumulation_steps`` of them per step)."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
-    steps = cfg.train.epochs * ((rows or 0) // per_step)
+    train = cfg.train
+    micro_batches = (rows // world_size) // train.micro_batch_size
+    steps = train.epochs * micro_batches // train.gradient_accumulation_steps
     if steps < 1:
-        raise ConfigError(f"train.max_steps: {rows} training rows make no full global batch of {per_step}; "
+        raise ConfigError(f"train.max_steps: {rows} training rows make no full global batch of {train.global_batch}; "
                           "set train.max_steps or use more data")
     return steps
 
 
-def loop_config(cfg: LookaheadConfig, steps: int) -> dict[str, Any]:
-    """Everything a worker needs, as plain data: the typed config serialised, the step count, the log dir."""
-    return {"config": cfg.to_dict(), "total_steps": steps,
+def loop_config(cfg: LookaheadConfig, steps: int, tokens: str) -> dict[str, Any]:
+    """Everything a worker needs, as plain data: the typed config serialised, the step count, the token file
+    and the log dir."""
+    return {"config": cfg.to_dict(), "total_steps": steps, "tokens": tokens,
             "log_dir": os.path.join(train_dir(cfg), "tensorboard", cfg.train.run_name)}
 
 
-def build_trainer(cfg: LookaheadConfig, datasets: dict[str, Any], total_steps: int, *, run_name: str,
-                  storage_path: str, callbacks: Sequence[Any] = ()) -> Any:
+def token_file(cfg: LookaheadConfig) -> str:
+    """The run's examples (``data_order``), gathered from ``train.prepared_dir`` at every (re)start: their
+    canonical order makes a resumed run see the same rows in the same places."""
+    from lookahead_ray.train.data_order import build_token_file
+
+    return build_token_file(cfg.train.prepared_dir, os.path.join(train_dir(cfg), f"tokens_{cfg.train.run_name}.arrow"))
+
+
+def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_name: str, storage_path: str,
+                  callbacks: Sequence[Any] = ()) -> Any:
     """The Ray Train V2 ``TorchTrainer`` for ``cfg``, not yet run.
 
     Args:
-        datasets: Ray Datasets by name; the loop reads the "train" shard.
+        total_steps: optimizer steps of the run (see :func:`total_steps`).
+        tokens: the run's token file (:func:`token_file`); every worker memory-maps it.
         run_name / storage_path: where Ray Train keeps checkpoints; the same pair resumes the run.
         callbacks: Ray Train run callbacks (e.g. Ray Tune's ``TuneReportCallback``).
     """
@@ -134,53 +146,50 @@ def build_trainer(cfg: LookaheadConfig, datasets: dict[str, Any], total_steps: i
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config(cfg, total_steps),
+        train_loop_config=loop_config(cfg, total_steps, tokens),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
-                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             failure_config=FailureConfig(max_failures=train.max_failures,
+                                                          controller_failure_limit=train.controller_failure_limit),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)),
-        datasets=datasets,
     )
 
 
-def training_dataset(cfg: LookaheadConfig) -> tuple[Any, int | None]:
-    """The token columns as a Ray Dataset (prepared shards or the live ``prepare`` pipeline), and the row
-    count when it is known without running the pipeline."""
-    import ray.data
+def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadConfig:
+    """Training straight from inputs runs ``prepare`` into the run directory first, so every row is
+    accounted for (prepare_report.json: read = trained + rejected by reason, truncation counted) and the
+    epochs read fixed shards."""
+    from lookahead_ray.config import apply_overrides
+    from lookahead_ray.data.pipeline import run_prepare
 
-    from lookahead_ray.data.pipeline import build_training_dataset, prepared_rows
-    from lookahead_ray.data.transform import TOKEN_COLUMNS
-
-    train = cfg.train
-    if train.prepared_dir:
-        dataset = ray.data.read_parquet(train.prepared_dir, file_extensions=["parquet"]).select_columns(TOKEN_COLUMNS)
-        rows = prepared_rows(train.prepared_dir)
-    else:
-        dataset, rows = build_training_dataset(cfg), None
-    dataset.context.enable_progress_bars = False  # inside training they only interleave with the metrics
-    if train.cache_dataset:
-        dataset = dataset.materialize()  # runs before the workers start, so it has every CPU to itself
-    return dataset, rows
+    prepared = os.path.join(output_dir, f"prepared_{cfg.train.run_name}")
+    report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}))
+    logger.info("%s", report.summary())
+    return apply_overrides(cfg, {"train.prepared_dir": prepared})
 
 
 def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers."""
     check_training_config(cfg)
-    from lookahead_ray.runtime import init_ray
+    from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, init_ray
 
     train, output_dir = cfg.train, train_dir(cfg)
     storage = train.storage_path or output_dir
     finished = check_run(cfg, output_dir, run_dir=os.path.join(storage, train.run_name))
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    init_ray()
-    dataset, rows = training_dataset(cfg)
-    if train.max_steps is None and rows is None:
-        rows = dataset.count()  # free when cached; otherwise runs the pipeline once
-    steps = total_steps(cfg, rows, train.num_workers)
-    trainer = build_trainer(cfg, {"train": dataset}, steps, run_name=train.run_name,
-                            storage_path=train.storage_path or output_dir, callbacks=callbacks)
+    init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
+    need = {"CPU": train.num_workers * train.cpus_per_worker} | ({"GPU": float(train.num_workers)}
+                                                                if train.use_gpu else {})
+    check_resources(need, "train.num_workers / train.cpus_per_worker / train.use_gpu",
+                    f"{train.num_workers} worker(s) x {train.cpus_per_worker:g} CPU"
+                    + (" and 1 GPU each" if train.use_gpu else ""))
+    if not train.prepared_dir:
+        cfg = _prepare_for_training(cfg, output_dir)
+    tokens = token_file(cfg)
+    steps = total_steps(cfg, _rows(tokens), train.num_workers)
+    trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage, callbacks=callbacks)
     logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
                 train.precision)
     result = trainer.fit()
@@ -205,16 +214,11 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
     finished = check_run(cfg, output_dir, run_dir=os.path.join(output_dir, cfg.train.run_name))
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    rows = _load_rows_locally(cfg)
-    steps = total_steps(cfg, len(rows["input_ids"]), world_size=1)
-
-    def make_batches(micro_batch_size: int):
-        for start in range(0, len(rows["input_ids"]) - micro_batch_size + 1, micro_batch_size):
-            yield {k: v[start:start + micro_batch_size] for k, v in rows.items()}
-
-    io = LocalWorkerIO(make_batches, Path(output_dir) / cfg.train.run_name, cfg.train.keep_checkpoints,
+    tokens = token_file(cfg) if cfg.train.prepared_dir else _tokens_locally(cfg, output_dir)
+    steps = total_steps(cfg, _rows(tokens), world_size=1)
+    io = LocalWorkerIO(Path(output_dir) / cfg.train.run_name, cfg.train.keep_checkpoints,
                        resume_from=cfg.train.resume_from)
-    metrics = run_loop(loop_config(cfg, steps), io)
+    metrics = run_loop(loop_config(cfg, steps, tokens), io)
     checkpoint = str(io.checkpoints[-1])
     final = _publish_export(checkpoint, output_dir, metrics, checkpoint)
     metrics["checkpoint_dir"] = checkpoint
@@ -237,10 +241,11 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
     Raises:
         ExportMismatchError: the export check failed.
     """
-    from lookahead_ray.train.export import HF_SUBDIR
+    from lookahead_ray.train.export import CONFIG_FILE, HF_SUBDIR
 
     passed = metrics.get("export_check_passed", True)
     target = Path(output_dir) / (FINAL_DIR if passed else FAILED_EXPORT_DIR)
+    check_output_dir(target, CONFIG_FILE, "train.output_dir")
     staging = staging_path(target)
     shutil.copytree(Path(checkpoint_dir) / HF_SUBDIR, staging)
     if not passed:
@@ -263,21 +268,55 @@ def _write_result(output_dir: str, metrics: dict[str, Any]) -> None:
         f.write(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-def _load_rows_locally(cfg: LookaheadConfig) -> dict[str, list]:
-    """Token columns of every accepted row, from prepared shards or by running the transform in-process."""
-    import pyarrow.parquet as pq
+def _rows(tokens: str) -> int:
+    from lookahead_ray.train.data_order import TokenStore
+
+    return len(TokenStore(tokens))
+
+
+def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
+    """The token file of a run straight from inputs without Ray: the transform runs in this process, and the
+    row report (as ``prepare`` writes it) goes to ``<train dir>/rows_<run_name>.json``."""
+    import pyarrow as pa
 
     from lookahead_ray.data.readers import RowReader, expand_inputs, file_format
     from lookahead_ray.data.transform import TOKEN_COLUMNS, PrepareRecords
 
-    tables = []
-    if cfg.train.prepared_dir:
-        for shard in sorted(Path(cfg.train.prepared_dir).glob("*.parquet")):
-            tables.append(pq.read_table(shard, columns=TOKEN_COLUMNS))
-    else:
-        transform = PrepareRecords(cfg.to_dict(), accepted_tokens_only=True)
-        reader = RowReader(cfg.data.max_row_bytes)
-        for path in expand_inputs(cfg.data):
-            with open(path, "rb") as f:
-                tables += [transform(t) for t in reader.tables(f, path, file_format(path, cfg.data.input_format))]
-    return {name: [x for t in tables for x in t.column(name).to_pylist()] for name in TOKEN_COLUMNS}
+    path = os.path.join(output_dir, f"tokens_{cfg.train.run_name}.arrow")
+    transform = PrepareRecords(cfg.to_dict())
+    reader = RowReader(cfg.data.max_row_bytes)
+    files = expand_inputs(cfg.data)  # sorted, rows in file order: the canonical order of data_order
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        with open(file, "rb") as f:
+            for table in reader.tables(f, file, file_format(file, cfg.data.input_format)):
+                rows += transform(table).to_pylist()
+    _write_row_report(cfg, output_dir, files, rows)
+    kept = [r for r in rows if r["reject_reason"] is None]
+    table = pa.table({name: [r[name] for r in kept] for name in TOKEN_COLUMNS})
+    with atomic_file(path, binary=True) as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], rows: list[dict[str, Any]]) -> None:
+    from dataclasses import asdict
+
+    from lookahead_ray.data.readers import END_OF_FILE
+    from lookahead_ray.data.report import PrepareReport
+
+    records = [r for r in rows if r["reject_reason"] != END_OF_FILE]
+    rejected = [r for r in records if r["reject_reason"] is not None]
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r["reject_reason"]] = reasons.get(r["reject_reason"], 0) + 1
+    report = PrepareReport(
+        output_dir=None, input_files=files, rows_read=len(records), rows_written=len(records) - len(rejected),
+        rows_truncated=sum(bool(r["truncated"]) for r in records if r["reject_reason"] is None),
+        rows_rejected=len(rejected), rejected_by_reason=dict(sorted(reasons.items())),
+        rejected_examples=[{"file": r["source_file"], "row": r["source_row"], "field": r["reject_field"],
+                            "reason": r["reject_reason"], "detail": (r["reject_detail"] or "")[:300]}
+                           for r in rejected[:20]], config=cfg.to_dict())
+    logger.info("%s", report.summary())
+    with atomic_file(Path(output_dir) / f"rows_{cfg.train.run_name}.json") as f:
+        f.write(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")

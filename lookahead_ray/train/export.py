@@ -28,20 +28,20 @@ RELATIVE_TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
 MIN_ARGMAX_AGREEMENT = 0.99
 
 
-def save_state(engine: Any, directory: str, step: int, epoch: int, cfg: LookaheadConfig, rank: int) -> None:
-    """The resumable DeepSpeed state of every rank (weights, optimizer, scheduler) plus step and epoch; rank 0
-    adds the run's config, so ``lookahead-ray export --checkpoint`` can rebuild the model from it alone."""
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG,
-                           client_state={"step": step, "epoch": epoch})
+def save_state(engine: Any, directory: str, position: dict[str, Any], cfg: LookaheadConfig, rank: int) -> None:
+    """The resumable DeepSpeed state of every rank (weights, optimizer, scheduler) plus the data position
+    (step, epoch, micro-batches consumed, data hash); rank 0 adds the run's config, so
+    ``lookahead-ray export --checkpoint`` can rebuild the model from the checkpoint alone."""
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG, client_state=dict(position))
     if rank == 0:
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-def load_state(engine: Any, directory: str) -> tuple[int, int]:
-    """Restore a checkpoint written by :func:`save_state`; returns (step, epoch)."""
+def load_state(engine: Any, directory: str) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_state`; returns its data position."""
     _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG)
-    return int(client_state["step"]), int(client_state["epoch"])
+    return client_state
 
 
 def export_model(engine: Any, tokenizer: Any, cfg: LookaheadConfig, directory: str, probe: dict[str, Any] | None,
@@ -139,11 +139,12 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lookahead_ray.fsio import publish_dir, staging_path
+    from lookahead_ray.fsio import check_output_dir, publish_dir, staging_path
 
     root = Path(checkpoint_dir)
     if not (root / CONFIG_FILE).is_file() or not (root / "ds").is_dir():
         raise FileNotFoundError(f"{checkpoint_dir} is not a lookahead-ray checkpoint (no {CONFIG_FILE} and ds/)")
+    check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
     cfg = LookaheadConfig.from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()), source=str(root / CONFIG_FILE))
     model, tokenizer = _empty_model(cfg, root)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,13 @@ from lookahead_ray.config import LookaheadConfig, TrainConfig
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.modeling import build_model, tokenizer_for, torch_dtype
+from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
-from lookahead_ray.train.worker_io import Batch, WorkerIO
+from lookahead_ray.train.worker_io import WorkerIO
+
+Batch = dict[str, Any]  # column -> token-id lists
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +47,17 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     cfg = LookaheadConfig.from_dict(loop_config["config"])
     total_steps = int(loop_config["total_steps"])
     engine, tokenizer, device = setup_engine(cfg, io.world_size, total_steps)
-    step, epoch, resumed_from = _resume(engine, io)
+    position = _resume(engine, io)
     meter = StepMeter(cfg.train.gradient_accumulation_steps, io.world_size, device,
-                      setup_seconds=time.perf_counter() - entered, resumed_from_step=resumed_from)
+                      setup_seconds=time.perf_counter() - entered,
+                      resumed_from_step=position.step if position.resumed else None)
     writers = MetricWriters(loop_config["log_dir"], cfg.train) if io.world_rank == 0 else None
     try:  # close TensorBoard / MLflow even when training or the export fails
-        probe, step, epoch = _fit(engine, tokenizer.pad_token_id, device, cfg, io, total_steps, step, epoch, meter,
-                                  writers)
+        store = TokenStore(loop_config["tokens"])
+        probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers)
         with tempfile.TemporaryDirectory() as directory:
-            save_state(engine, directory, step, epoch, cfg, io.world_rank)
-            final = {**meter.last, "final": True, "train_seconds": meter.train_seconds(),
+            save_state(engine, directory, position.state(), cfg, io.world_rank)
+            final = {**meter.last, "final": True, "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
                      "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
             if cfg.train.verify_export and probe is not None:
@@ -136,59 +141,78 @@ def initialize_engine(model: Any, train: TrainConfig, ds_config: dict[str, Any],
     return engine
 
 
-def _resume(engine: Any, io: WorkerIO) -> tuple[int, int, int | None]:
-    """(step, epoch, resumed-from step or None) after loading the worker's latest checkpoint, if any."""
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, the epoch, the micro-batches of it consumed, and the
+    running hash of every batch so far (see ``data_order.chain``). Saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    data_sha: str = ""
+    resumed: bool = False
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "data_sha": self.data_sha}
+
+
+def _resume(engine: Any, io: WorkerIO) -> Position:
+    """The position after loading the worker's latest checkpoint, if any."""
     with io.latest_checkpoint() as checkpoint:
         if checkpoint is None:
-            return 0, 0, None
-        step, epoch = load_state(engine, checkpoint)
-    logger.info("rank %d resumed from step %d (epoch %d)", io.world_rank, step, epoch)
-    return step, epoch, step
+            return Position()
+        state = load_state(engine, checkpoint)
+    position = Position(int(state["step"]), int(state["epoch"]), int(state.get("batch_in_epoch", 0)),
+                        state.get("data_sha", ""), resumed=True)
+    logger.info("rank %d resumed from step %d (epoch %d, micro-batch %d)", io.world_rank, position.step,
+                position.epoch, position.batch_in_epoch)
+    return position
 
 
-def _fit(engine: Any, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: WorkerIO, total_steps: int,
-         step: int, epoch: int, meter: StepMeter, writers: MetricWriters | None) -> tuple[dict | None, int, int]:
-    """Epochs of forward / backward / step until ``total_steps``; returns the probe batch, step and epoch.
-
-    The probe (two rows of the first batch) is what the export check compares logits on.
-    """
+def _fit(engine: Any, store: TokenStore, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: WorkerIO,
+         total_steps: int, position: Position, meter: StepMeter, writers: MetricWriters | None) -> dict | None:
+    """Epochs of forward / backward / step until ``total_steps``, from ``position`` (updated in place);
+    returns the probe batch (two rows of the first batch) the export check compares logits on."""
     train = cfg.train
     probe: dict[str, Any] | None = None
     engine.train()
-    while step < total_steps:
-        steps_before_epoch = step
-        for raw in io.batches(train.micro_batch_size):
-            batch = collate(raw, pad_token_id, device)
+    while position.step < total_steps:
+        batches = epoch_batches(len(store), position.epoch, train.seed, io.world_rank, io.world_size,
+                                train.micro_batch_size)
+        if not batches:
+            raise ConfigError(f"train.micro_batch_size: {len(store)} training rows give worker {io.world_rank} "
+                              f"no micro-batch of {train.micro_batch_size}")
+        for indices in batches[position.batch_in_epoch:]:
+            batch = collate(store.batch(indices), pad_token_id, device)
             if probe is None:
                 probe = {k: v[:2].clone() for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+            position.batch_in_epoch += 1
+            position.data_sha = chain(position.data_sha, indices)
             if not meter.add(loss, batch["attention_mask"].sum()):
                 continue
-            step += 1
-            metrics = meter.step_metrics(step, epoch, engine.get_lr()[0])
+            position.step += 1
+            metrics = meter.step_metrics(position.step, position.epoch, engine.get_lr()[0])
             if writers is not None:
                 writers.write(metrics)
-            if step >= total_steps:
-                break
-            _report(engine, io, cfg, metrics, epoch)
+            if position.step >= total_steps:
+                return probe
+            _report(engine, io, cfg, metrics, position)
             meter.restart_clock()
-        else:
-            epoch += 1
-            if step == steps_before_epoch and not meter.in_step:
-                raise ConfigError(f"the training data yields no micro-batch of {train.micro_batch_size} rows on "
-                                  f"worker {io.world_rank}: too few rows for train.micro_batch_size")
-    return probe, step, epoch
+        position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+    return probe
 
 
-def _report(engine: Any, io: WorkerIO, cfg: LookaheadConfig, metrics: dict[str, Any], epoch: int) -> None:
+def _report(engine: Any, io: WorkerIO, cfg: LookaheadConfig, metrics: dict[str, Any], position: Position) -> None:
     """A checkpoint every ``train.checkpoint_every_steps``, else metrics every ``train.report_every_steps``
     (each report is a barrier across workers)."""
     step, checkpoint_every = metrics["step"], cfg.train.checkpoint_every_steps
     if checkpoint_every and step % checkpoint_every == 0:
         with tempfile.TemporaryDirectory() as directory:
-            save_state(engine, directory, step, epoch, cfg, io.world_rank)
+            save_state(engine, directory, position.state(), cfg, io.world_rank)
             io.report(metrics, directory)
     elif step % cfg.train.report_every_steps == 0:
         io.report(metrics)

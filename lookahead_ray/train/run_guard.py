@@ -20,9 +20,10 @@ from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError
 
 # train.* keys that do not change the trained weights: where things go, how often to report, how to recover.
-OPERATIONAL_TRAIN_KEYS = {"output_dir", "storage_path", "run_name", "cache_dataset", "use_gpu", "cpus_per_worker",
+OPERATIONAL_TRAIN_KEYS = {"output_dir", "storage_path", "run_name", "use_gpu", "cpus_per_worker",
                           "checkpoint_every_steps", "keep_checkpoints", "max_failures", "resume_from", "resume",
-                          "report_every_steps", "mlflow_tracking_uri", "verify_export"}
+                          "report_every_steps", "mlflow_tracking_uri", "verify_export",
+                          "worker_start_timeout_s", "controller_failure_limit"}
 TRAINING_SECTIONS = ("model", "data", "preview", "records", "tokenization")
 OPERATIONAL_DATA_KEYS = {"output_dir", "batch_size", "num_actors", "cpus_per_actor", "rows_per_shard"}
 

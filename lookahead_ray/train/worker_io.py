@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,15 +20,11 @@ from lookahead_ray.fsio import publish_dir, staging_path
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, Any]  # column -> numpy array of token-id lists
 
 
 class WorkerIO(Protocol):
     world_rank: int
     world_size: int
-
-    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
-        """One epoch of this worker's micro-batches (equal count on every worker)."""
 
     def latest_checkpoint(self) -> Any:
         """Context manager yielding a local directory of the checkpoint to resume from, or None."""
@@ -38,7 +34,7 @@ class WorkerIO(Protocol):
 
 
 class RayWorkerIO:
-    """Ray Train V2: the shard of the "train" dataset, ``ray.train.report`` and ``ray.train.get_checkpoint``.
+    """Ray Train V2: world rank and size, ``ray.train.report`` and ``ray.train.get_checkpoint``.
 
     Without a checkpoint of this run, ``resume_from`` (a local path or a URI Ray Train can read) is used:
     Train V2 deprecates ``TorchTrainer(resume_from_checkpoint=...)`` in favour of this pattern.
@@ -50,12 +46,6 @@ class RayWorkerIO:
         self._train, self.resume_from = ray.train, resume_from
         context = ray.train.get_context()
         self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
-
-    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
-        shard = self._train.get_dataset_shard("train")
-        # drop_last with Ray's equal split gives every worker the same number of batches, which the
-        # collectives of each DeepSpeed step require.
-        return shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True)
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -76,20 +66,16 @@ class RayWorkerIO:
 
 
 class LocalWorkerIO:
-    """One process, no Ray: batches from a callable, checkpoints copied under ``run_dir``."""
+    """One process, no Ray: checkpoints copied under ``run_dir``."""
 
     world_rank = 0
     world_size = 1
 
-    def __init__(self, make_batches: Callable[[int], Iterable[Batch]], run_dir: str | Path, keep: int,
-                 resume_from: str | None = None):
-        self.make_batches, self.run_dir, self.keep, self.resume_from = make_batches, Path(run_dir), keep, resume_from
+    def __init__(self, run_dir: str | Path, keep: int, resume_from: str | None = None):
+        self.run_dir, self.keep, self.resume_from = Path(run_dir), keep, resume_from
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = sorted(self.run_dir.glob("checkpoint_*"))
-
-    def batches(self, micro_batch_size: int) -> Iterable[Batch]:
-        return self.make_batches(micro_batch_size)
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

@@ -1,0 +1,47 @@
+"""The row report of a ``prepare`` run (``prepare_report.json``): how many rows were read, written, truncated
+and rejected by reason, and with which tokenizer. No Ray imports: the single-process path writes it too."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "prepare_report.json"
+
+
+@dataclass
+class PrepareReport:
+    """Row accounting for one ``prepare`` run (written next to the shards as prepare_report.json)."""
+
+    output_dir: str | None
+    input_files: list[str]
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_truncated: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    rejected_examples: list[dict[str, Any]] = field(default_factory=list)
+    tokens_written: int = 0
+    answer_tokens_written: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    tokenizer: dict[str, Any] | None = None
+    """The tokenizer's identity (``modeling.tokenizer_identity``) when rows were tokenized or previewed by tokens."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items())) or "none"
+        return (f"prepare: read {self.rows_read} rows from {len(self.input_files)} file(s), wrote {self.rows_written} "
+                f"in {len(self.shards)} shard(s), truncated {self.rows_truncated}, rejected {self.rows_rejected} "
+                f"({reasons}) in {self.seconds:.1f}s -> {self.output_dir}")
+
+
+def read_report(output_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(output_dir) / REPORT_NAME).read_text())
+
+
+def prepared_rows(output_dir: str | Path) -> int | None:
+    """Rows written by the ``prepare`` run in ``output_dir`` (None when it has no report)."""
+    return read_report(output_dir)["rows_written"] if (Path(output_dir) / REPORT_NAME).exists() else None
