@@ -142,6 +142,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from lookahead_ray.tune.search import run_search
+
+    overrides = list(args.overrides) + ([f"tune.output_dir={args.output_dir}"] if args.output_dir else [])
+    result = run_search(load_config(args.config, overrides), resume=args.resume)
+    done = [t for t in result.trials if t.get("objective") is not None]
+    print(f"tune: {len(done)} of {len(result.trials)} trials finished; trials.md, trials.csv, pareto.png"
+          + (" and best.yaml" if result.best_config else "") + f" in {result.search_dir}")
+    if done:
+        print(f"tune: best trial {done[0]['trial_id']} ({done[0]['label']}), objective {done[0]['objective']:.4f}")
+    return 0 if done else 2
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lookahead_ray.eval.report import report_table
     from lookahead_ray.eval.runner import parse_model_args, run_eval
@@ -183,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                           help="a Hugging Face model directory (repeat for several; the first is the drift seed)")
     evaluate.add_argument("--output-dir", help="where results go (same as eval.output_dir=...)")
+    search = sub.add_parser("tune", help="search m and P (and training knobs) on Ray Tune: prepare -> train -> eval")
+    _add_config_args(search)
+    search.add_argument("--output-dir", help="the search directory (same as tune.output_dir=...)")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search in that directory")
     demo = sub.add_parser("demo", help="the whole workflow on a synthetic world, on one CPU machine, with a report")
     demo.add_argument("--output-dir", default="out/demo", help="where the report goes (default: out/demo)")
     demo.add_argument("--quick", action="store_true", help="a few minutes instead of about ten (used in CI)")
@@ -193,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-            "demo": cmd_demo}
+            "tune": cmd_tune, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

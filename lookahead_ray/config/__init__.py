@@ -7,15 +7,17 @@ from lookahead_ray.config.schema import (
     JudgeConfig,
     LookaheadConfig,
     ModelConfig,
+    ObjectiveConfig,
     PreviewConfig,
     PromptSetConfig,
     RecordConfig,
+    SearchConfig,
     TinyModelConfig,
     TokenizationConfig,
     TrainConfig,
 )
 from lookahead_ray.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "ModelConfig", "PreviewConfig",
-           "PromptSetConfig", "RecordConfig", "TinyModelConfig", "TokenizationConfig", "TrainConfig",
-           "apply_overrides", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "ModelConfig", "ObjectiveConfig",
+           "PreviewConfig", "PromptSetConfig", "RecordConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig",
+           "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]

@@ -328,7 +328,62 @@ class EvalConfig:
             raise ConfigError("eval: max_new_tokens, batch_size and jsr_prefill_tokens must be >= 1")
 
 
-STAGE_SUBDIRS = {"prepare": "prepared", "train": "train", "eval": "eval"}
+@dataclass
+class ObjectiveConfig:
+    """What a search maximises (see ``lookahead_ray.tune.objective``)."""
+
+    kind: Literal["constrained", "weighted"] = "constrained"
+    """constrained: max utility subject to safety >= seed safety - delta; weighted: a weighted sum."""
+    safety: dict[str, float] = field(default_factory=lambda: {"rsr:keyword": 0.5, "jsr:keyword": 0.5})
+    """Safe rates mixed into one safety number, "<rsr|jsr>:<judge>" -> weight (e.g. jsr:strict, jsr:llm:MODEL)."""
+    delta: float = 0.05
+    """constrained: how far below the seed model's safety a trial may fall."""
+    utility_weight: float = 1.0
+    safety_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.safety or any(w < 0 for w in self.safety.values()) or sum(self.safety.values()) <= 0:
+            raise ConfigError("tune.objective.safety needs at least one rate with a positive weight")
+
+
+@dataclass
+class SearchConfig:
+    """`lookahead-ray tune`: the preview (m, P) and training knobs searched, and how."""
+
+    output_dir: str | None = None
+    """The search directory (trials, tables, plot, best.yaml); default: <output_dir>/search."""
+    modes: list[Literal["vanilla", "real", "virtual"]] = field(default_factory=lambda: ["real", "virtual"])
+    m: list[int] = field(default_factory=lambda: [2, 4, 6, 8])
+    """Real preview: answer tokens previewed (a trial per value)."""
+    prefixes: list[str] = field(default_factory=lambda: ["Let's solve this problem. "])
+    """Virtual preview: candidate prefixes P (a trial per value)."""
+    learning_rates: list[float] = field(default_factory=list)
+    """Optional: train.learning_rate values crossed with the preview settings."""
+    epochs: list[int] = field(default_factory=list)
+    """Optional: train.epochs values crossed with the preview settings."""
+    search: Literal["grid", "random"] = "grid"
+    """grid: every trial; random: num_samples of them, drawn with seed."""
+    num_samples: int = 4
+    seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    cpus_per_trial: float = 0.5
+    """The trial's own driver process (Ray Tune cannot give a trial 0 CPUs); its Train workers and Ray Data
+    tasks take their resources on top of this."""
+    max_concurrent_trials: int | None = None
+    """Default: the cluster's CPUs (GPUs) divided by what one trial takes, at least 1."""
+
+    def __post_init__(self) -> None:
+        if not self.modes:
+            raise ConfigError("tune.modes is empty")
+        if "real" in self.modes and (not self.m or min(self.m) < 0):
+            raise ConfigError("tune.m needs at least one value >= 0 when tune.modes has real")
+        if "virtual" in self.modes and not self.prefixes:
+            raise ConfigError("tune.prefixes needs at least one candidate when tune.modes has virtual")
+        if self.num_samples < 1 or self.cpus_per_trial <= 0:
+            raise ConfigError("tune.num_samples must be >= 1 and tune.cpus_per_trial > 0")
+
+
+STAGE_SUBDIRS = {"prepare": "prepared", "train": "train", "eval": "eval", "tune": "search"}
 
 
 @dataclass
@@ -345,6 +400,7 @@ class LookaheadConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -355,9 +411,10 @@ class LookaheadConfig:
 
         return build(cls, data, source)
 
-    def stage_dir(self, stage: Literal["prepare", "train", "eval"]) -> str | None:
+    def stage_dir(self, stage: Literal["prepare", "train", "eval", "tune"]) -> str | None:
         """Where ``stage`` writes: its own output_dir if set, else a subdirectory of the run's output_dir."""
-        explicit = {"prepare": self.data.output_dir, "train": self.train.output_dir, "eval": self.eval.output_dir}
+        explicit = {"prepare": self.data.output_dir, "train": self.train.output_dir, "eval": self.eval.output_dir,
+                    "tune": self.tune.output_dir}
         if explicit[stage]:
             return explicit[stage]
         return os.path.join(self.output_dir, STAGE_SUBDIRS[stage]) if self.output_dir else None

@@ -1,0 +1,218 @@
+"""`lookahead-ray tune`: search m and P (and training knobs) on Ray Tune; each trial = prepare -> train -> eval.
+
+The current Ray pattern (Train V2): a Tune function trainable (:func:`run_trial`) that runs the library's
+own ``run_training`` with a ``TuneReportCallback`` created inside the trial and a deterministic run name
+(``train-trial_id=<id>``), so a restored trial resumes its inner run. Training metrics reach Tune through
+the callback; after training the trial evaluates on the eval sets the config names (validation splits,
+never the test split) and reports the objective. The seed model is evaluated once per search and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lookahead_ray.config import LookaheadConfig, apply_overrides
+from lookahead_ray.errors import ConfigError
+from lookahead_ray.tune import objective, space
+
+logger = logging.getLogger(__name__)
+SEARCH_NAME = "search"
+MARKER = "search_config.yaml"
+
+
+@dataclass
+class SearchResult:
+    search_dir: str
+    trials: list[dict[str, Any]]
+    """Every trial, best first: overrides, label, raw metrics, objective, status, error."""
+    seed_metrics: dict[str, Any]
+    best_config: str | None
+    """best.yaml: the training config of the best trial."""
+
+
+def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
+    """Run (or, with ``resume``, continue) the search ``cfg.tune`` describes; writes the search directory.
+
+    Raises:
+        ConfigError: no search directory, no eval sets, or an unresumable ``resume``.
+    """
+    from ray import tune
+
+    from lookahead_ray.fsio import atomic_file, check_output_dir
+    from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, init_ray
+    from lookahead_ray.tune.results import write_results
+
+    search_dir = _search_dir(cfg)
+    cfg = _absolute_paths(cfg)
+    if not cfg.eval.utility or not (cfg.eval.harmful or cfg.eval.harmful_answers):
+        raise ConfigError("tune: the trials are scored on eval.utility and eval.harmful / eval.harmful_answers "
+                          "(validation sets, not the test split); configure them")
+    check_output_dir(search_dir, MARKER, "tune.output_dir")
+    search_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    with atomic_file(search_dir / MARKER) as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(cfg.train.worker_start_timeout_s)})
+    base = _seeded_base(cfg, search_dir)
+    seed_metrics = _seed_metrics(base, search_dir)
+    trials = space.trials(cfg.tune)
+    trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.cpus_per_trial})
+    path = str(search_dir / SEARCH_NAME)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"tune --resume: no search to resume in {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": str(search_dir),
+                         "overrides": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(search_dir), verbose=0,
+                                      callbacks=[ProgressLine()]))
+    grid = tuner.fit()
+    rows = [_trial_row(result) for result in grid]
+    best = write_results(search_dir, cfg, rows, seed_metrics)
+    return SearchResult(str(search_dir), objective.rank(rows), seed_metrics, best)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One trial (a Ray Tune function trainable): prepare -> train -> eval, then report the objective."""
+    import ray.tune
+    from ray.data import DataContext
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lookahead_ray.eval.runner import run_eval
+    from lookahead_ray.train.driver import run_training
+
+    DataContext.get_current().enable_progress_bars = False  # the search prints one line per trial instead
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_dir = Path(config["search_dir"]) / "trials" / trial_id
+    cfg = apply_overrides(LookaheadConfig.from_dict(config["base"]), config["overrides"], source=f"trial {trial_id}")
+    cfg = apply_overrides(cfg, {"output_dir": str(trial_dir), "data.output_dir": None, "train.output_dir": None,
+                                "eval.output_dir": None, "train.storage_path": None,
+                                "train.run_name": f"train-trial_id={trial_id}"})
+    result = run_training(cfg, callbacks=[TuneReportCallback()])
+    metrics = run_eval(cfg, [("trial", result.final_dir)])["models"]["trial"]
+    scored = objective.score(metrics, config["seed_metrics"], cfg.tune.objective)
+    ray.tune.report({**scored, "label": space.label(config["overrides"]), "metrics_json": json.dumps(metrics),
+                     "checkpoint_path": result.checkpoint_dir, "final_dir": result.final_dir})
+
+
+class ProgressLine:
+    """One line per finished trial: id, overrides, objective, best so far."""
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        class _Progress(Callback):
+            best: float | None = None
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                result = trial.last_result or {}
+                value = result.get("objective")
+                if value is not None and (self.best is None or value > self.best):
+                    self.best = value
+                label = space.label(trial.config.get("overrides", {}))
+                shown = f"{value:.4f}" if value is not None else "-"
+                best = f"{self.best:.4f}" if self.best is not None else "-"
+                print(f"[tune] trial {trial.trial_id} ({label}): objective {shown}, best so far {best}", flush=True)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                label = space.label(trial.config.get("overrides", {}))
+                print(f"[tune] trial {trial.trial_id} ({label}) failed: {trial.error_file}", flush=True)
+
+        return _Progress()
+
+
+def _search_dir(cfg: LookaheadConfig) -> Path:
+    directory = cfg.stage_dir("tune")
+    if not directory:
+        raise ConfigError("tune.output_dir is not set (use --output-dir DIR)")
+    return Path(directory).resolve()
+
+
+def _absolute_paths(cfg: LookaheadConfig) -> LookaheadConfig:
+    """Every path made absolute: trials run with the trial directory as their working directory."""
+    def absolute(value: str | None) -> str | None:  # local paths only: a Hub id or builtin:tiny stays as it is
+        return os.path.abspath(value) if value and Path(value).exists() else value
+
+    overrides: dict[str, Any] = {"data.inputs": [os.path.abspath(p) for p in cfg.data.inputs],
+                                 "model.name_or_path": absolute(cfg.model.name_or_path),
+                                 "model.tokenizer": absolute(cfg.model.tokenizer),
+                                 "train.prepared_dir": absolute(cfg.train.prepared_dir)}
+    for name in ("harmful", "harmful_answers", "utility", "benign"):
+        if getattr(cfg.eval, name) is not None:
+            overrides[f"eval.{name}.path"] = os.path.abspath(getattr(cfg.eval, name).path)
+    return apply_overrides(cfg, overrides)
+
+
+def _seeded_base(cfg: LookaheadConfig, search_dir: Path) -> LookaheadConfig:
+    """The config every trial starts from, with the seed model as a directory (a ``model.tiny`` seed is built
+    once with ``train.seed`` and saved, so every trial fine-tunes the same weights and the seed can be
+    evaluated)."""
+    if cfg.model.tiny is None:
+        return cfg
+    from lookahead_ray.modeling import build_model, tokenizer_for
+
+    seed_dir = search_dir / "seed_model"
+    if not (seed_dir / "config.json").exists():
+        from lookahead_ray.fsio import publish_dir, staging_path
+
+        staging = staging_path(seed_dir)
+        tokenizer = tokenizer_for(cfg.model)
+        build_model(cfg.model, tokenizer, cfg.train.seed).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish_dir(staging, seed_dir)
+    return apply_overrides(cfg, {"model.tiny": None, "model.name_or_path": str(seed_dir), "model.tokenizer": None})
+
+
+def _seed_metrics(base: LookaheadConfig, search_dir: Path) -> dict[str, Any]:
+    """The seed model's eval metrics, measured once per search (cached in the search directory)."""
+    from lookahead_ray.eval.runner import run_eval
+
+    cached = search_dir / "seed_eval" / "results.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["models"]["seed"]
+    seed_cfg = apply_overrides(base, {"eval.output_dir": str(search_dir / "seed_eval")})
+    return run_eval(seed_cfg, [("seed", base.model.name_or_path)])["models"]["seed"]
+
+
+def _concurrency(cfg: LookaheadConfig) -> int:
+    """Trials at once: what the cluster holds of (trial driver + its Train workers), at least 1."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    have = ray.cluster_resources()
+    per_trial = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
+    fits = int(have.get("CPU", 1) // per_trial)
+    if cfg.train.use_gpu:
+        fits = min(fits, int(have.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, fits)
+
+
+def _error_line(error: BaseException) -> str:
+    """The exception's own message (the last line of the remote traceback Ray wraps it in)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return [line for line in lines if line][-1][:300] if any(lines) else type(error).__name__
+
+
+def _trial_row(result: Any) -> dict[str, Any]:
+    config = result.config or {}
+    metrics = dict(result.metrics or {})
+    row = {"trial_id": metrics.get("trial_id") or Path(result.path).name, "label": space.label(config.get("overrides", {})),
+           "overrides": config.get("overrides", {}), "status": "error" if result.error else "done",
+           "error": _error_line(result.error) if result.error else None}
+    if not result.error and "objective" in metrics:
+        row |= {k: metrics[k] for k in ("objective", "feasible", "violation", "safety", "utility", "checkpoint_path",
+                                        "final_dir") if k in metrics}
+        row["metrics"] = json.loads(metrics.get("metrics_json", "{}"))
+    return row

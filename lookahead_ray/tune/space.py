@@ -1,0 +1,46 @@
+"""The search space as trials: each trial is a set of dotted overrides for ``apply_overrides``.
+
+Conditional knobs are enumerated, not sampled blindly: ``m`` exists only for real preview and ``P`` only
+for virtual preview, so a grid has one trial per (mode, its own knob, training knobs) and never a trial that
+differs from another only in a knob its mode ignores. Random search samples from that same list. Pure module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+from lookahead_ray.config.schema import SearchConfig
+
+
+def preview_choices(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """One override set per preview setting worth training."""
+    choices: list[dict[str, Any]] = []
+    for mode in cfg.modes:
+        if mode == "real":
+            choices += [{"preview.mode": "real", "preview.num_answer_tokens": m} for m in cfg.m]
+        elif mode == "virtual":
+            choices += [{"preview.mode": "virtual", "preview.virtual_prefix": p} for p in cfg.prefixes]
+        else:
+            choices.append({"preview.mode": "vanilla"})
+    return choices
+
+
+def trials(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """Every trial of the grid (``search: grid``), or ``num_samples`` distinct ones drawn with ``seed``."""
+    knobs = [[{}] if not values else [{key: v} for v in values]
+             for key, values in (("train.learning_rate", cfg.learning_rates), ("train.epochs", cfg.epochs))]
+    grid = [dict(item for part in combo for item in part.items())
+            for combo in itertools.product(preview_choices(cfg), *knobs)]
+    if cfg.search == "grid":
+        return grid
+    return random.Random(cfg.seed).sample(grid, min(cfg.num_samples, len(grid)))
+
+
+def label(overrides: dict[str, Any]) -> str:
+    """A short readable name of a trial's overrides, e.g. ``real m=6 lr=2e-05``."""
+    short = {"preview.mode": "", "preview.num_answer_tokens": "m=", "preview.virtual_prefix": "P=",
+             "train.learning_rate": "lr=", "train.epochs": "epochs="}
+    return " ".join(f"{short.get(k, k + '=')}{v!r}" if isinstance(v, str) and k != "preview.mode"
+                    else f"{short.get(k, k + '=')}{v}" for k, v in overrides.items())
