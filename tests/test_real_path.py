@@ -84,6 +84,9 @@ def test_tokenizer_comes_from_the_model_and_shards_of_another_tokenizer_are_refu
     assert max(ids) > 512  # Mistral ids, not the builtin tiny tokenizer's (vocabulary 512)
     assert read_report(tmp_path / "prepared")["tokenizer"]["source"] == str(mistral_model_dir)
 
+    with pytest.raises(ConfigError, match=r"other settings \(preview.mode"):  # shards of another preview
+        run_training_local(_local_cfg(tmp_path, *mistral, f"train.prepared_dir={tmp_path / 'prepared'}",
+                                      "preview.mode=vanilla"))
     with pytest.raises(ConfigError) as info:  # the builtin tokenizer's ids would mean something else
         run_training_local(_local_cfg(tmp_path, f"train.prepared_dir={tmp_path / 'prepared'}"))
     assert str(mistral_model_dir) in str(info.value) and "builtin:tiny" in str(info.value)
@@ -118,6 +121,9 @@ def test_failed_export_check_keeps_the_checkpoint_and_export_rebuilds_final(tmp_
     assert failed["export_check_passed"] is False and failed["export_argmax_agreement"] < 0.99
     checkpoint = sorted((run / "tiny_cpu").glob("checkpoint_*"))[-1]
     assert str(checkpoint) in str(info.value) and (checkpoint / "ds").is_dir()
+    with pytest.raises(ExportMismatchError):  # a rerun resumes at the end and checks the export again
+        run_training_local(_local_cfg(tmp_path))
+    assert not (run / "final").exists()
     monkeypatch.undo()
 
     assert main(["export", "--checkpoint", str(checkpoint)]) == 0

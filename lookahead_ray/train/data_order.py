@@ -26,9 +26,12 @@ def build_token_file(prepared_dir: str, target: str) -> str:
     import pyarrow.parquet as pq
 
     from lookahead_ray.data.transform import TOKEN_COLUMNS
+    from lookahead_ray.errors import ConfigError
     from lookahead_ray.fsio import atomic_file
 
     shards = sorted(Path(prepared_dir).glob("*.parquet"))
+    if not shards:
+        raise ConfigError(f"train.prepared_dir: {prepared_dir} holds no shards (was every row rejected?)")
     table = pa.concat_tables([pq.read_table(s, columns=["source_file", "source_row", *TOKEN_COLUMNS]) for s in shards])
     table = table.sort_by(SORT_KEYS).select(TOKEN_COLUMNS)
     with atomic_file(target, binary=True) as f, pa.ipc.new_file(f, table.schema) as writer:

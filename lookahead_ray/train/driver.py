@@ -90,6 +90,13 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
     if prepared is None:
         raise ConfigError(f"train.prepared_dir: {prepared_dir}/{REPORT_NAME} records no tokenizer (prepared without "
                           "tokenization, or by an older lookahead-ray); run `prepare` again")
+    report_config = read_report(prepared_dir).get("config", {})
+    changed = [f"{section}.{key}" for section in ("preview", "records", "tokenization")
+               for key, value in getattr(cfg, section).__dict__.items()
+               if section in report_config and report_config[section].get(key) != value]
+    if changed:
+        raise ConfigError(f"train.prepared_dir: {prepared_dir} was prepared with other settings ({', '.join(changed)}); "
+                          "prepare again with this config, or train from data.inputs")
     source = cfg.model.tokenizer_source()
     differences = tokenizer_mismatch(prepared, tokenizer_identity(tokenizer_for(cfg.model), source))
     if differences:
@@ -197,7 +204,7 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
         raise result.error
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as checkpoint_dir:
-        final = _publish_export(checkpoint_dir, output_dir, metrics, result.checkpoint.path)
+        final = _publish_export(checkpoint_dir, output_dir, metrics, result.checkpoint.path, train.verify_export)
     metrics["checkpoint_dir"] = result.checkpoint.path
     _write_result(output_dir, metrics)
     mark_finished(cfg, output_dir, metrics)
@@ -220,7 +227,7 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
                        resume_from=cfg.train.resume_from)
     metrics = run_loop(loop_config(cfg, steps, tokens), io)
     checkpoint = str(io.checkpoints[-1])
-    final = _publish_export(checkpoint, output_dir, metrics, checkpoint)
+    final = _publish_export(checkpoint, output_dir, metrics, checkpoint, cfg.train.verify_export)
     metrics["checkpoint_dir"] = checkpoint
     _write_result(output_dir, metrics)
     mark_finished(cfg, output_dir, metrics)
@@ -234,7 +241,8 @@ def _finished(cfg: LookaheadConfig, output_dir: str, metrics: dict[str, Any]) ->
                        already_finished=True)
 
 
-def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any], checkpoint_path: str) -> str:
+def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any], checkpoint_path: str,
+                    verify: bool) -> str:
     """Copy the checkpoint's export to ``final/``; an export that failed its check goes to ``export_failed/``
     with the numbers, and the run fails (the checkpoint stays, for ``lookahead-ray export --checkpoint``).
 
@@ -243,7 +251,7 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
     """
     from lookahead_ray.train.export import CONFIG_FILE, HF_SUBDIR
 
-    passed = metrics.get("export_check_passed", True)
+    passed = metrics.get("export_check_passed", not verify)  # asked for and missing: not passed
     target = Path(output_dir) / (FINAL_DIR if passed else FAILED_EXPORT_DIR)
     check_output_dir(target, CONFIG_FILE, "train.output_dir")
     staging = staging_path(target)

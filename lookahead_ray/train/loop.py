@@ -55,12 +55,16 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     try:  # close TensorBoard / MLflow even when training or the export fails
         store = TokenStore(loop_config["tokens"])
         probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers)
+        if probe is None:  # resumed at the very end (e.g. after a failed export check): still check the export
+            first = epoch_batches(len(store), 0, cfg.train.seed, io.world_rank, io.world_size, cfg.train.micro_batch_size)
+            probe = {k: v[:2] for k, v in collate(store.batch(first[0]), tokenizer.pad_token_id, device).items()}
         with tempfile.TemporaryDirectory() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
-            final = {**meter.last, "final": True, "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
+            final = {**meter.last, "step": position.step, "epoch": position.epoch, "final": True,
+                     "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
                      "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
-            if cfg.train.verify_export and probe is not None:
+            if cfg.train.verify_export:
                 final.update(_verify_on_rank0(directory, cfg, io.world_rank, device))
             # Always reported, whatever the check says: the trained state is never lost to a failed export.
             # (Ray Train keeps the metrics of the latest checkpoint, so the verdict must travel with it.)

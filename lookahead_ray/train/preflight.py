@@ -62,8 +62,8 @@ def _check(report: Preflight, what: str, fn: Any) -> Any:
     """Run one check; fn returns (status, detail[, value])."""
     try:
         status, detail, *value = fn()
-    except (LookaheadError, FileNotFoundError, OSError, ValueError) as exc:
-        report.add(FAIL, what, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a dry run reports every failure as a failed check
+        report.add(FAIL, what, str(exc) if isinstance(exc, LookaheadError | OSError) else f"{type(exc).__name__}: {exc}")
         return None
     report.add(status, what, detail)
     return value[0] if value else None

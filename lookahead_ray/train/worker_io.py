@@ -75,7 +75,9 @@ class LocalWorkerIO:
         self.run_dir, self.keep, self.resume_from = Path(run_dir), keep, resume_from
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: list[dict[str, Any]] = []
-        self.checkpoints: list[Path] = sorted(self.run_dir.glob("checkpoint_*"))
+        # Only this class's own numbered checkpoints (a Ray Train run in the same folder names its by date).
+        self.checkpoints: list[Path] = sorted(p for p in self.run_dir.glob("checkpoint_*")
+                                              if p.name.removeprefix("checkpoint_").isdigit())
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

@@ -9,6 +9,7 @@ never the test split) and reports the objective. The seed model is evaluated onc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +54,12 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     if not cfg.eval.utility or not (cfg.eval.harmful or cfg.eval.harmful_answers):
         raise ConfigError("tune: the trials are scored on eval.utility and eval.harmful / eval.harmful_answers "
                           "(validation sets, not the test split); configure them")
+    if cfg.train.prepared_dir:
+        raise ConfigError("train.prepared_dir: a search prepares each trial's data itself (the preview differs "
+                          "per trial); unset it and set data.inputs")
+    if cfg.model.tiny is None and not Path(cfg.model.name_or_path or "").expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: the search evaluates the seed model from a directory; download "
+                          f"{cfg.model.name_or_path!r} to shared storage and point model.name_or_path at it")
     check_output_dir(search_dir, MARKER, "tune.output_dir")
     search_dir.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -62,6 +69,8 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(cfg.train.worker_start_timeout_s)})
     base = _seeded_base(cfg, search_dir)
     seed_metrics = _seed_metrics(base, search_dir)
+    objective.safety(seed_metrics, cfg.tune.objective.safety)  # every rate the objective names was measured:
+    objective.utility(seed_metrics)  # fail now, not after every trial has trained
     trials = space.trials(cfg.tune)
     trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.cpus_per_trial})
     path = str(search_dir / SEARCH_NAME)
@@ -162,7 +171,8 @@ def _seeded_base(cfg: LookaheadConfig, search_dir: Path) -> LookaheadConfig:
         return cfg
     from lookahead_ray.modeling import build_model, tokenizer_for
 
-    seed_dir = search_dir / "seed_model"
+    key = hashlib.sha256(json.dumps([cfg.to_dict()["model"], cfg.train.seed], sort_keys=True).encode()).hexdigest()[:12]
+    seed_dir = search_dir / f"seed_model-{key}"
     if not (seed_dir / "config.json").exists():
         from lookahead_ray.fsio import publish_dir, staging_path
 
@@ -178,10 +188,12 @@ def _seed_metrics(base: LookaheadConfig, search_dir: Path) -> dict[str, Any]:
     """The seed model's eval metrics, measured once per search (cached in the search directory)."""
     from lookahead_ray.eval.runner import run_eval
 
-    cached = search_dir / "seed_eval" / "results.json"
+    key = hashlib.sha256(json.dumps([base.model.name_or_path, base.to_dict()["eval"], base.to_dict()["tokenization"]],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    cached = search_dir / f"seed_eval-{key}" / "results.json"
     if cached.exists():
         return json.loads(cached.read_text())["models"]["seed"]
-    seed_cfg = apply_overrides(base, {"eval.output_dir": str(search_dir / "seed_eval")})
+    seed_cfg = apply_overrides(base, {"eval.output_dir": str(cached.parent)})
     return run_eval(seed_cfg, [("seed", base.model.name_or_path)])["models"]["seed"]
 
 
