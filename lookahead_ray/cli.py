@@ -131,7 +131,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         config_file = os.path.join(args.checkpoint, CONFIG_FILE)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{args.checkpoint} is not a lookahead-ray checkpoint (no {CONFIG_FILE})")
-        output_dir = LookaheadConfig.from_dict(yaml.safe_load(open(config_file)), config_file).stage_dir("train")
+        with open(config_file, encoding="utf-8") as f:
+            output_dir = LookaheadConfig.from_dict(yaml.safe_load(f), config_file).stage_dir("train")
         if output_dir is None:
             raise ConfigError("export: the checkpoint's config names no train directory; use --output-dir")
     final = os.path.join(output_dir, FINAL_DIR)

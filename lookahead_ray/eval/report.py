@@ -57,7 +57,8 @@ def report_table(results: dict[str, Any], safety_columns: list[SafetyColumn] | N
     return markdown_table(*results_table(results, safety_columns))
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on cluster nodes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,9 +67,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, ax: Any, path: str, title: str, legend_size: int = 8, **legend: Any) -> None:
+    """Title, grid and legend, then write ``path`` and free the figure."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, **legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def plot_drift(drift: dict[str, dict[str, dict[str, list[float]]]], path: str) -> None:
     """Line plot of KL per answer position: one line per (model, prompt kind)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for model, kinds in drift.items():
         for kind, values in kinds.items():
@@ -76,17 +87,12 @@ def plot_drift(drift: dict[str, dict[str, dict[str, list[float]]]], path: str) -
                     linestyle="-" if kind == "harmful" else "--", label=f"{model} ({kind})")
     ax.set_xlabel("answer token position")
     ax.set_ylabel("KL(seed || model)")
-    ax.set_title("First-token drift from the seed model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, "First-token drift from the seed model")
 
 
 def plot_safety_vs_utility(results: dict[str, Any], path: str, judge: str = "strict") -> None:
     """Scatter of each model's RSR and JSR (by ``judge``) against its utility."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, metrics in results["models"].items():
         utility = 100 * metrics["utility"]["score"]
@@ -97,9 +103,4 @@ def plot_safety_vs_utility(results: dict[str, Any], path: str, judge: str = "str
     ax.set_ylabel(f"safe rate, {judge} judge (%)")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Safety vs utility per variant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, "Safety vs utility per variant", legend_size=7, ncol=2)

@@ -27,13 +27,20 @@ def build_token_file(prepared_dir: str, target: str) -> str:
 
     from lookahead_ray.data.transform import TOKEN_COLUMNS
     from lookahead_ray.errors import ConfigError
-    from lookahead_ray.fsio import atomic_file
 
     shards = sorted(Path(prepared_dir).glob("*.parquet"))
     if not shards:
         raise ConfigError(f"train.prepared_dir: {prepared_dir} holds no shards (was every row rejected?)")
     table = pa.concat_tables([pq.read_table(s, columns=["source_file", "source_row", *TOKEN_COLUMNS]) for s in shards])
-    table = table.sort_by(SORT_KEYS).select(TOKEN_COLUMNS)
+    return write_token_file(table.sort_by(SORT_KEYS).select(TOKEN_COLUMNS), target)
+
+
+def write_token_file(table: Any, target: str) -> str:
+    """``table`` (the token columns, in training order) as an Arrow IPC file, staged then renamed."""
+    import pyarrow as pa
+
+    from lookahead_ray.fsio import atomic_file
+
     with atomic_file(target, binary=True) as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
     return target

@@ -289,6 +289,7 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
 
     from lookahead_ray.data.readers import RowReader, expand_inputs, file_format
     from lookahead_ray.data.transform import TOKEN_COLUMNS, PrepareRecords
+    from lookahead_ray.train.data_order import write_token_file
 
     path = os.path.join(output_dir, f"tokens_{cfg.train.run_name}.arrow")
     transform = PrepareRecords(cfg.to_dict())
@@ -301,10 +302,7 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
                 rows += transform(table).to_pylist()
     _write_row_report(cfg, output_dir, files, rows)
     kept = [r for r in rows if r["reject_reason"] is None]
-    table = pa.table({name: [r[name] for r in kept] for name in TOKEN_COLUMNS})
-    with atomic_file(path, binary=True) as f, pa.ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table)
-    return path
+    return write_token_file(pa.table({name: [r[name] for r in kept] for name in TOKEN_COLUMNS}), path)
 
 
 def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], rows: list[dict[str, Any]]) -> None:

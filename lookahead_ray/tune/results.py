@@ -71,11 +71,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def _plot(path: Path, trials: list[dict[str, Any]], seed: dict[str, float]) -> None:
-    import matplotlib
+    from lookahead_ray.eval.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [t for t in trials if t.get("objective") is not None]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     points = [(100 * t["safety"], 100 * t["utility"]) for t in done]
@@ -90,12 +88,7 @@ def _plot(path: Path, trials: list[dict[str, Any]], seed: dict[str, float]) -> N
         ax.scatter([points[0][0]], [points[0][1]], marker="*", s=200, color="tab:red", label="best trial")
     ax.set_xlabel("safety (objective's safe-rate mix, %)")
     ax.set_ylabel("utility (%)")
-    ax.set_title("Search: safety vs utility per trial")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, str(path), "Search: safety vs utility per trial")
 
 
 def _write_best(path: Path, cfg: LookaheadConfig, best: dict[str, Any]) -> str:

@@ -85,7 +85,7 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
                          "overrides": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
             run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(search_dir), verbose=0,
-                                      callbacks=[ProgressLine()]))
+                                      callbacks=[progress_line()]))
     grid = tuner.fit()
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
@@ -115,30 +115,28 @@ def run_trial(config: dict[str, Any]) -> None:
                      "checkpoint_path": result.checkpoint_dir, "final_dir": result.final_dir})
 
 
-class ProgressLine:
-    """One line per finished trial: id, overrides, objective, best so far."""
+def progress_line() -> Any:
+    """A Tune callback printing one line per finished trial: id, overrides, objective, best so far."""
+    from ray.tune import Callback
 
-    def __new__(cls):
-        from ray.tune import Callback
+    class _Progress(Callback):
+        best: float | None = None
 
-        class _Progress(Callback):
-            best: float | None = None
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            value = result.get("objective")
+            if value is not None and (self.best is None or value > self.best):
+                self.best = value
+            label = space.label(trial.config.get("overrides", {}))
+            shown = f"{value:.4f}" if value is not None else "-"
+            best = f"{self.best:.4f}" if self.best is not None else "-"
+            print(f"[tune] trial {trial.trial_id} ({label}): objective {shown}, best so far {best}", flush=True)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                result = trial.last_result or {}
-                value = result.get("objective")
-                if value is not None and (self.best is None or value > self.best):
-                    self.best = value
-                label = space.label(trial.config.get("overrides", {}))
-                shown = f"{value:.4f}" if value is not None else "-"
-                best = f"{self.best:.4f}" if self.best is not None else "-"
-                print(f"[tune] trial {trial.trial_id} ({label}): objective {shown}, best so far {best}", flush=True)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            label = space.label(trial.config.get("overrides", {}))
+            print(f"[tune] trial {trial.trial_id} ({label}) failed: {trial.error_file}", flush=True)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                label = space.label(trial.config.get("overrides", {}))
-                print(f"[tune] trial {trial.trial_id} ({label}) failed: {trial.error_file}", flush=True)
-
-        return _Progress()
+    return _Progress()
 
 
 def _search_dir(cfg: LookaheadConfig) -> Path:
