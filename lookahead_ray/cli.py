@@ -13,6 +13,7 @@ import logging
 import sys
 import traceback
 from dataclasses import replace
+from pathlib import Path
 
 from lookahead_ray.config import LookaheadConfig, load_config
 from lookahead_ray.errors import ConfigError, LookaheadError
@@ -171,8 +172,117 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lookahead_ray.demo.run import run_demo
 
+    if args.search:
+        from lookahead_ray.demo.search import run_demo_search
+
+        result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides)
+        done = [t for t in result.trials if t.get("objective") is not None]
+        print(f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and pareto.png in "
+              f"{result.search_dir}")
+        return 0 if done else 2
+    if args.overrides:
+        raise ConfigError("demo: key=value overrides apply to the search config; add --search")
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, m=args.m, virtual_prefix=args.P)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import importlib.metadata
+    import os
+
+    from lookahead_ray.errors import JobError
+    from lookahead_ray.jobs import runtime_env as env
+    from lookahead_ray.jobs.submit import SubmitRequest, connect, follow, last_lines, submit
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    if not command or command[0] not in COMMANDS or command[0] in ("submit", "jobs"):
+        raise JobError("give the command to run after --, e.g. lookahead-ray submit -- train --config configs/x.yaml")
+    working_dir = Path(args.working_dir).resolve()
+    env.check_config_paths(command, working_dir)
+    packages = ([] if args.no_pip else env.read_requirements(args.requirements) if args.requirements
+                else env.project_requirements(importlib.metadata.requires("lookahead-ray") or []))
+    scan = env.check_upload(working_dir, args.exclude)
+    for path, size in scan.large_files:
+        print(f"submit: warning: uploading {path} ({size / 2**20:.0f} MiB); exclude it (--exclude) or move it to "
+              "shared storage", file=sys.stderr)
+    runtime_env = env.build_runtime_env(working_dir, packages, use_uv=args.uv, excludes=args.exclude,
+                                        env_vars=env.passed_env_vars(args.env, os.environ))
+    client = connect(args.address)
+    job_id = submit(client, SubmitRequest(command, runtime_env, args.submission_id, args.num_cpus, args.num_gpus))
+    print(f"submit: job {job_id} on {client.get_address()} ({scan.files} files, {scan.total_bytes / 2**20:.1f} MiB "
+          f"uploaded); dashboard: {client.get_address()}/#/jobs/{job_id}", flush=True)
+    if args.no_wait:
+        print(f"submit: follow it with: lookahead-ray jobs logs {job_id} --follow")
+        return 0
+    try:
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        if args.stop_on_interrupt:
+            client.stop_job(job_id)
+            print(f"\nsubmit: stopping job {job_id}", file=sys.stderr)
+        else:
+            print(f"\nsubmit: detached; job {job_id} keeps running. Reattach: lookahead-ray jobs logs {job_id} "
+                  f"--follow; stop it: lookahead-ray jobs stop {job_id}", file=sys.stderr)
+        return 130
+    return _job_exit(client, job_id, status, last_lines)
+
+
+def _job_exit(client, job_id: str, status: str, last_lines) -> int:
+    if status == "SUCCEEDED":
+        print(f"job {job_id}: SUCCEEDED")
+        return 0
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {status}{': ' + info.message if info.message else ''}", file=sys.stderr)
+    if status == "FAILED":
+        print("last log lines:\n  " + "\n  ".join(last_lines(client, job_id)), file=sys.stderr)
+    return 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from lookahead_ray.errors import JobError
+    from lookahead_ray.jobs.submit import connect, follow, job_rows, last_lines
+
+    if args.action != "list" and not args.job_id:
+        raise JobError(f"jobs {args.action} needs a JOB_ID (see lookahead-ray jobs list)")
+    client = connect(args.address)
+    if args.action == "list":
+        print("\n".join(job_rows(client.list_jobs())) or "no jobs")
+    elif args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}{': ' + info.message if info.message else ''}")
+    elif args.action == "logs" and args.follow:
+        return _job_exit(client, args.job_id, follow(client, args.job_id), last_lines)
+    elif args.action == "logs":
+        print(client.get_job_logs(args.job_id), end="")
+    else:
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already ended'}")
+    return 0
+
+
+def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
+    submit = sub.add_parser("submit", help="run a lookahead-ray command as a Ray job on a cluster (Ray Jobs SDK)",
+                            description="lookahead-ray submit [options] -- train --config configs/x.yaml ...")
+    submit.add_argument("--address", help="the dashboard, http://HEAD:8265 (default: RAY_ADDRESS, else local)")
+    submit.add_argument("--working-dir", default=".", help="uploaded to the cluster; the job runs in it (default: .)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="also leave out of the upload (gitignore-style; .git, venvs, out/, weights are already)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this environment variable to the job (none are passed unless named)")
+    submit.add_argument("--requirements", help="pip requirements for the job instead of the project's dependencies")
+    submit.add_argument("--no-pip", action="store_true", help="install nothing: the image has every dependency")
+    submit.add_argument("--uv", action="store_true", help="install with uv instead of pip")
+    submit.add_argument("--num-cpus", type=float, help="CPUs reserved for the job's driver")
+    submit.add_argument("--num-gpus", type=float, help="GPUs reserved for the job's driver")
+    submit.add_argument("--submission-id", help="the job id (default: lookahead-<command>-<time>-<random>)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C stops the job instead of detaching")
+    submit.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address", help="the dashboard, http://HEAD:8265 (default: RAY_ADDRESS, else local)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,11 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
     demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
+    demo.add_argument("--search", action="store_true",
+                      help="instead: `tune` over m and P on the world's validation split (OUTPUT_DIR/search)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="with --search: overrides of its config")
+    _cluster_parsers(sub)
     return parser
 
 
 COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
-            "tune": cmd_tune, "demo": cmd_demo}
+            "tune": cmd_tune, "demo": cmd_demo, "submit": cmd_submit, "jobs": cmd_jobs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,3 +45,8 @@ class ExportMismatchError(LookaheadError, RuntimeError):
 
 class JudgeUnavailableError(LookaheadError, RuntimeError):
     """The judge endpoint kept failing; judgements made so far are in the cache."""
+
+
+class JobError(LookaheadError, RuntimeError):
+    """A cluster job cannot be submitted or followed: unreachable address, refused token, missing job SDK,
+    a working_dir or config that would not reach the cluster."""

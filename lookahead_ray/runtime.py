@@ -30,7 +30,10 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner polls to free the workers'
+    # placement group when a controller dies (a Tune trial stopped early, a killed driver). Without it that
+    # placement group leaks and the next trial waits for its CPUs forever.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def check_resources(need: dict[str, float], key: str, what: str) -> None:

@@ -56,7 +56,7 @@ def ray_local():
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     DataContext.get_current().enable_progress_bars = False
     yield ray

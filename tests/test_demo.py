@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from lookahead_ray.demo.world import generate_world
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One seed-model cache for the demo tests: the search reuses the quick demo's seed model (same world)."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def test_validation_split_is_unseen_and_leaves_the_rest_of_the_world_alone(tmp_path):
+    world = generate_world(tmp_path / "w", seed=1)
+    rows = {name: [json.loads(x) for x in open(path)] for name, path in world.items()}
+    validation = {r["instruction"] for r in rows["harmful_validation"]}
+    seen = {r["input"] for r in rows["alignment"]} | {r["instruction"] for r in rows["harmful_heldout"]}
+    assert len(validation) == 15 and not validation & seen  # phrasings used nowhere else
+    assert [m["messages"][0]["content"] for m in rows["harmful_answers_validation"]] == \
+        [r["instruction"] for r in rows["harmful_validation"]]
+    assert len(rows["task_validation"]) == 30 and all("####" in r["answer"] for r in rows["task_validation"])
+    # Drawn last from the world's generator: the files the demo always had do not change with it.
+    assert [r["question"] for r in rows["task_test"]][:2] != [r["question"] for r in rows["task_validation"]][:2]
 
 
 def test_world_is_deterministic_and_changes_with_the_seed(tmp_path):
@@ -30,11 +50,11 @@ def test_world_is_deterministic_and_changes_with_the_seed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, monkeypatch):
+def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, monkeypatch, demo_cache):
     from lookahead_ray.demo.run import SAFETY_COLUMNS
     from lookahead_ray.eval.report import results_table
 
-    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))
     from lookahead_ray.demo.run import run_demo
 
     out = tmp_path / "demo"
@@ -59,3 +79,24 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     real_prompt = json.loads((out / "prepared" / runs["real"] / "prepare_report.json").read_text())["config"]["preview"]
     assert real_prompt["mode"] == "real"
     assert "not a reproduction of the paper" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_demo_search_scores_trials_on_the_validation_split(ray_local, tmp_path, monkeypatch, demo_cache, capsys):
+    import csv
+
+    from lookahead_ray.cli import main
+    from lookahead_ray.config import load_config
+
+    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))
+    out = tmp_path / "demo-search"
+    assert main(["demo", "--search", "--quick", "--seed", "3", "--output-dir", str(out),
+                 "tune.modes=[vanilla, real]", "tune.m=[6]"]) == 0
+    cfg = load_config(str(out / "tune_demo.yaml"))  # the written config is the one that ran, and loads again
+    assert {Path(getattr(cfg.eval, n).path).name for n in ("harmful", "harmful_answers", "utility")} == {
+        "harmful_validation.jsonl", "harmful_answers_validation.jsonl", "task_validation.jsonl"}
+    with open(out / "search" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["preview.mode"] for r in rows) == ["real", "vanilla"] and {r["status"] for r in rows} == {"done"}
+    assert (out / "search" / "pareto.png").exists() and (out / "search" / "best.yaml").exists()

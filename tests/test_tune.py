@@ -55,6 +55,39 @@ def test_conditional_space_has_no_wasted_trials():
     assert len(sampled) == 3 and len({json.dumps(t, sort_keys=True) for t in sampled}) == 3
 
 
+def test_optuna_space_asks_each_mode_only_its_own_knob():
+    optuna = pytest.importorskip("optuna", reason="optuna is the optional [optuna] extra")
+    from lookahead_ray.tune.space import suggest
+
+    cfg = load_config(None, ["tune.modes=[vanilla, real, virtual]", "tune.m=[2, 4, 6]", "tune.prefixes=[A, B]",
+                             "tune.learning_rates=[1.0e-5, 2.0e-5]"]).tune
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        overrides = suggest(trial, cfg)["overrides"]
+        study.tell(trial, 1.0)
+        assert ("preview.num_answer_tokens" in overrides) == (overrides["preview.mode"] == "real")
+        assert ("preview.virtual_prefix" in overrides) == (overrides["preview.mode"] == "virtual")
+        assert set(trial.params) == {"mode", "learning_rate"} | ({"m"} if "preview.num_answer_tokens" in overrides
+                                                                 else {"P"} if "preview.virtual_prefix" in overrides
+                                                                 else set())
+    assert {t.params["mode"] for t in study.trials} == {"vanilla", "real", "virtual"}
+
+
+def test_optuna_asked_for_but_missing_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lookahead_ray.cli import main
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # this machine without the extra
+    monkeypatch.delitem(sys.modules, "lookahead_ray.tune.optuna_search", raising=False)
+    argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(tmp_path / "s"),
+            "tune.search=optuna"]
+    assert main(argv) == 2
+    assert "pip install 'lookahead-ray[optuna]'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # checked before anything is written or trained
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_search_runs_keeps_failed_trials_resumes_and_writes_a_trainable_best(ray_local, tmp_path, capsys):
@@ -97,3 +130,87 @@ def test_a_trial_that_cannot_get_its_workers_fails_fast_with_the_reason(ray_loca
     with open(out / "trials.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "error" and "needs 3 CPU but this Ray has 2" in row["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_asha_stops_a_trial_whose_training_loss_lags(ray_local, tmp_path, capsys):
+    from lookahead_ray.cli import main
+
+    out = tmp_path / "asha"
+    argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
+            "tune.modes=[vanilla]", "tune.learning_rates=[1.0e-2, 1.0e-7, 1.1e-2]", "train.warmup_steps=0",
+            "tune.early_stopping.kind=asha", "tune.early_stopping.grace_reports=1"]
+    assert main(argv) == 0
+    assert "stopped early after 1 training reports" in capsys.readouterr().out
+    with open(out / "trials.csv") as f:
+        rows = {float(r["train.learning_rate"]): r for r in csv.DictReader(f)}
+    # At the first rung (report 1), the 1e-7 trial's loss is above the median of the trials that reached it;
+    # the third trial is at or below that median, so it runs on: the stopped trial released its workers.
+    assert [rows[lr]["status"] for lr in (1.0e-2, 1.0e-7, 1.1e-2)] == ["done", "stopped early", "done"]
+    assert "stopped early by ASHA after 1 training reports" in (out / "trials.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_optuna_search_proposes_trials_from_the_conditional_space(ray_local, tmp_path):
+    pytest.importorskip("optuna", reason="optuna is the optional [optuna] extra")
+    from lookahead_ray.cli import main
+
+    out = tmp_path / "optuna"
+    argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
+            "tune.search=optuna", "tune.num_samples=2", "tune.modes=[real, virtual]", "tune.m=[2, 6]"]
+    assert main(argv) == 0
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"done"}
+    for row in rows:
+        assert bool(row["preview.num_answer_tokens"]) == (row["preview.mode"] == "real")
+        assert bool(row["preview.virtual_prefix"]) == (row["preview.mode"] == "virtual")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_local, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lookahead_ray.cli import main
+
+    out = tmp_path / "killed"
+    argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
+            "tune.modes=[vanilla, real]", "tune.m=[2, 6]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "lookahead_ray", *argv], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        # Killed once Tune's saved state holds one finished trial, while the next is running.
+        while not (finished := _terminated_trials(out)):
+            assert driver.poll() is None and time.monotonic() < deadline, "the search ended before it was killed"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    (trial_id,) = finished
+    result = out / "trials" / trial_id / "train" / "train_result.json"
+    stamp = result.stat().st_mtime_ns
+    assert main(argv + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("[tune] trial") == 2  # only the two unfinished trials ran
+    assert result.stat().st_mtime_ns == stamp
+    with open(out / "trials.csv") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["done", "done", "done"]
+
+
+def _terminated_trials(search_dir: Path) -> list[str]:
+    """Trial ids Tune's saved experiment state lists as finished."""
+    for state in search_dir.glob("search/experiment_state-*.json"):
+        try:
+            trials = [json.loads(t) for t, _ in json.loads(state.read_text())["trial_data"]]
+        except (ValueError, KeyError, OSError):  # caught mid-write: read it again next time
+            return []
+        return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
+    return []

@@ -3,6 +3,7 @@
 from lookahead_ray.config.loader import apply_overrides, load_config, parse_overrides
 from lookahead_ray.config.schema import (
     DataConfig,
+    EarlyStoppingConfig,
     EvalConfig,
     JudgeConfig,
     LookaheadConfig,
@@ -18,6 +19,6 @@ from lookahead_ray.config.schema import (
 )
 from lookahead_ray.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "ModelConfig", "ObjectiveConfig",
-           "PreviewConfig", "PromptSetConfig", "RecordConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig",
-           "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig",
+           "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig", "RecordConfig", "SearchConfig",
+           "TinyModelConfig", "TokenizationConfig", "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]

@@ -347,6 +347,25 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """ASHA early stopping on the trials' intermediate training metrics. Its time unit is one training report
+    (every train.report_every_steps steps), so the grace period and rungs count reports, not steps."""
+
+    kind: Literal["none", "asha"] = "none"
+    metric: str = "loss"
+    """A metric of the training reports (loss, tokens_per_second, ...)."""
+    mode: Literal["min", "max"] = "min"
+    grace_reports: int = 1
+    """No trial is stopped before this many reports."""
+    reduction_factor: int = 2
+    """At each rung ASHA keeps the best 1/reduction_factor of the trials that reached it."""
+
+    def __post_init__(self) -> None:
+        if self.grace_reports < 1 or self.reduction_factor < 2:
+            raise ConfigError("tune.early_stopping: grace_reports must be >= 1 and reduction_factor >= 2")
+
+
+@dataclass
 class SearchConfig:
     """`lookahead-ray tune`: the preview (m, P) and training knobs searched, and how."""
 
@@ -361,11 +380,13 @@ class SearchConfig:
     """Optional: train.learning_rate values crossed with the preview settings."""
     epochs: list[int] = field(default_factory=list)
     """Optional: train.epochs values crossed with the preview settings."""
-    search: Literal["grid", "random"] = "grid"
-    """grid: every trial; random: num_samples of them, drawn with seed."""
+    search: Literal["grid", "random", "optuna"] = "grid"
+    """grid: every trial; random: num_samples of them, drawn with seed; optuna: num_samples trials proposed by
+    Optuna's TPE sampler (seeded with seed) from the same conditional space (pip install 'lookahead-ray[optuna]')."""
     num_samples: int = 4
     seed: int = 0
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     cpus_per_trial: float = 0.5
     """The trial's own driver process (Ray Tune cannot give a trial 0 CPUs); its Train workers and Ray Data
     tasks take their resources on top of this."""

@@ -32,7 +32,7 @@ MARKER = "lookahead_demo.json"
 SYSTEM = "You are a helpful assistant."
 
 
-def _stage(message: str) -> None:
+def stage(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -64,7 +64,7 @@ def run_label(variant: str, seed: int, quick: bool, m: int, prefix: str) -> str:
     return f"{variant}{knob}-seed{seed}{'-quick' if quick else ''}"
 
 
-def _variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path, quick: bool, m: int,
+def variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path, quick: bool, m: int,
                     prefix: str, label: str) -> dict[str, Any]:
     cfg = _base()
     cfg["preview"] = {"mode": variant, "num_answer_tokens": m, "virtual_prefix": prefix}
@@ -92,7 +92,7 @@ def _eval_config(world: dict[str, str], out: Path, quick: bool) -> dict[str, Any
     }
 
 
-def _cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) -> str:
+def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) -> str:
     from lookahead_ray.train.driver import run_training
 
     cfg = _seed_config(world, tokenizer_dir, quick)
@@ -101,9 +101,9 @@ def _cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) -
     cache = cache_root() / "demo"
     final = cache / f"seed-{key}" / "final"
     if (final / "config.json").exists():
-        _stage(f"seed model: cached in {final}")
+        stage(f"seed model: cached in {final}")
         return str(final)
-    _stage(f"seed model: training a tiny Llama on the alignment corpus ({cfg['train']['max_steps']} steps, "
+    stage(f"seed model: training a tiny Llama on the alignment corpus ({cfg['train']['max_steps']} steps, "
            "Ray Train + DeepSpeed, 2 workers)")
     cfg["train"]["output_dir"] = str(cache / f"seed-{key}")
     run_training(LookaheadConfig.from_dict(cfg))
@@ -126,14 +126,14 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
         f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix}) + "\n")
-    _stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
+    stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
     world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
     tokenizer_dir = out / "world" / "tokenizer"
     build_tiny_tokenizer(tokenizer_dir, corpus=world_text(world), vocab_size=768)
     init_ray()
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    seed_dir = _cached_seed_model(world, str(tokenizer_dir), quick)
+    seed_dir = cached_seed_model(world, str(tokenizer_dir), quick)
     timings["seed_model"] = time.perf_counter() - mark
     configs: dict[str, Any] = {}
     models = [("seed", seed_dir)]
@@ -141,18 +141,18 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     for variant in VARIANTS:
         mark = time.perf_counter()
         label = run_label(variant, seed, quick, m, virtual_prefix)
-        cfg_dict = _variant_config(world, seed_dir, variant, out, quick, m, virtual_prefix, label)
+        cfg_dict = variant_config(world, seed_dir, variant, out, quick, m, virtual_prefix, label)
         configs[variant] = cfg_dict
         cfg = LookaheadConfig.from_dict(cfg_dict)
-        _stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps)")
+        stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps)")
         report = run_prepare(cfg)
-        _stage(f"{variant}: {report.summary()}")
+        stage(f"{variant}: {report.summary()}")
         run_training(cfg)
         models.append((variant, str(out / "runs" / label / "final")))
         runs[variant] = label
         timings[variant] = time.perf_counter() - mark
     mark = time.perf_counter()
-    _stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
+    stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
     eval_cfg = _eval_config(world, out, quick)
     configs["eval"] = eval_cfg
     results = run_eval(LookaheadConfig.from_dict(eval_cfg), models)
@@ -162,7 +162,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
                        "seconds": {k: round(v, 1) for k, v in timings.items()},
                        "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
     _write_report(out, results, configs)
-    _stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
+    stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     return results
 
 

@@ -15,7 +15,7 @@ from lookahead_ray.fsio import atomic_file
 from lookahead_ray.tune import objective
 
 COLUMNS = ["rank", "trial_id", "label", "status", "objective", "feasible", "safety", "utility", "violation",
-           "checkpoint_path", "error"]
+           "training_reports", "checkpoint_path", "error"]
 
 
 def write_results(search_dir: Path, cfg: LookaheadConfig, trials: list[dict[str, Any]],
@@ -60,6 +60,8 @@ def trials_markdown(trials: list[dict[str, Any]], seed: dict[str, float]) -> str
     for t in trials:
         value = f"{t['objective']:.4f}" if t.get("objective") is not None else "-"
         status = t["status"] if not t.get("error") else f"error: {t['error'][:80]}"
+        if t["status"] == "stopped early":
+            status = f"stopped early by ASHA after {t.get('training_reports')} training reports"
         lines.append(f"| {t.get('rank') or '-'} | {t['trial_id']} | {t['label']} | {pct(t.get('safety'))} | "
                      f"{pct(t.get('utility'))} | {value} | {t.get('feasible', '-')} | {status} |")
     return "\n".join(lines) + "\n"

@@ -60,6 +60,8 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     if cfg.model.tiny is None and not Path(cfg.model.name_or_path or "").expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: the search evaluates the seed model from a directory; download "
                           f"{cfg.model.name_or_path!r} to shared storage and point model.name_or_path at it")
+    if cfg.tune.search == "optuna":
+        import lookahead_ray.tune.optuna_search  # noqa: F401  (fails now, with what to install, if optuna is missing)
     check_output_dir(search_dir, MARKER, "tune.output_dir")
     search_dir.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -71,25 +73,55 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     seed_metrics = _seed_metrics(base, search_dir)
     objective.safety(seed_metrics, cfg.tune.objective.safety)  # every rate the objective names was measured:
     objective.utility(seed_metrics)  # fail now, not after every trial has trained
-    trials = space.trials(cfg.tune)
     trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.cpus_per_trial})
     path = str(search_dir / SEARCH_NAME)
+    if cfg.tune.search == "optuna" or cfg.tune.early_stopping.kind == "asha":
+        # A trial's intermediate results are training metrics and only its last holds the objective; Tune's
+        # strict check wants every metric a searcher or scheduler names in every result.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"tune --resume: no search to resume in {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": str(search_dir),
-                         "overrides": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(search_dir), verbose=0,
-                                      callbacks=[progress_line()]))
+        constants = {"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": str(search_dir)}
+        tuner = tune.Tuner(trainable, param_space=_param_space(cfg, constants), tune_config=_tune_config(cfg),
+                           run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(search_dir), verbose=0,
+                                                     callbacks=[progress_line()]))
     grid = tuner.fit()
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
     return SearchResult(str(search_dir), objective.rank(rows), seed_metrics, best)
+
+
+def _param_space(cfg: LookaheadConfig, constants: dict[str, Any]) -> dict[str, Any]:
+    """grid / random: Tune's grid over the enumerated trials; optuna: constants only (the searcher proposes)."""
+    from ray import tune
+
+    if cfg.tune.search == "optuna":
+        return constants
+    return {**constants, "overrides": tune.grid_search(space.trials(cfg.tune))}
+
+
+def _tune_config(cfg: LookaheadConfig) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    search_alg, num_samples = None, 1
+    if cfg.tune.search == "optuna":
+        from lookahead_ray.tune.optuna_search import optuna_searcher  # raises ConfigError without optuna
+
+        search_alg, num_samples = optuna_searcher(cfg.tune), cfg.tune.num_samples
+    scheduler = None
+    stopping = cfg.tune.early_stopping
+    if stopping.kind == "asha":
+        # max_t far beyond any run: a trial ends by itself after its last report, and ASHA must never stop
+        # one at max_t before its evaluation.
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=stopping.metric, mode=stopping.mode,
+                                  grace_period=stopping.grace_reports, reduction_factor=stopping.reduction_factor,
+                                  max_t=10**6)
+    return tune.TuneConfig(max_concurrent_trials=_concurrency(cfg), search_alg=search_alg, scheduler=scheduler,
+                           num_samples=num_samples)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -128,9 +160,13 @@ def progress_line() -> Any:
             if value is not None and (self.best is None or value > self.best):
                 self.best = value
             label = space.label(trial.config.get("overrides", {}))
-            shown = f"{value:.4f}" if value is not None else "-"
             best = f"{self.best:.4f}" if self.best is not None else "-"
-            print(f"[tune] trial {trial.trial_id} ({label}): objective {shown}, best so far {best}", flush=True)
+            if value is None:  # ended by the scheduler before its evaluation
+                reports = result.get("training_iteration", 0)
+                print(f"[tune] trial {trial.trial_id} ({label}): stopped early after {reports} training reports, "
+                      f"best so far {best}", flush=True)
+                return
+            print(f"[tune] trial {trial.trial_id} ({label}): objective {value:.4f}, best so far {best}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             label = space.label(trial.config.get("overrides", {}))
@@ -218,9 +254,11 @@ def _error_line(error: BaseException) -> str:
 def _trial_row(result: Any) -> dict[str, Any]:
     config = result.config or {}
     metrics = dict(result.metrics or {})
+    status = "error" if result.error else "done" if "objective" in metrics else "stopped early"
     row = {"trial_id": metrics.get("trial_id") or Path(result.path).name, "label": space.label(config.get("overrides", {})),
-           "overrides": config.get("overrides", {}), "status": "error" if result.error else "done",
-           "error": _error_line(result.error) if result.error else None}
+           "overrides": config.get("overrides", {}), "status": status,
+           "error": _error_line(result.error) if result.error else None,
+           "training_reports": metrics.get("training_iteration")}
     if not result.error and "objective" in metrics:
         row |= {k: metrics[k] for k in ("objective", "feasible", "violation", "safety", "utility", "checkpoint_path",
                                         "final_dir") if k in metrics}

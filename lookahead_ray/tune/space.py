@@ -2,7 +2,8 @@
 
 Conditional knobs are enumerated, not sampled blindly: ``m`` exists only for real preview and ``P`` only
 for virtual preview, so a grid has one trial per (mode, its own knob, training knobs) and never a trial that
-differs from another only in a knob its mode ignores. Random search samples from that same list. Pure module.
+differs from another only in a knob its mode ignores. Random search samples from that same list; Optuna samples
+the same conditional space define-by-run (:func:`suggest`). Pure module.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ def trials(cfg: SearchConfig) -> list[dict[str, Any]]:
     if cfg.search == "grid":
         return grid
     return random.Random(cfg.seed).sample(grid, min(cfg.num_samples, len(grid)))
+
+
+def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
+    """Optuna's define-by-run space: m is asked only of real trials and P only of virtual ones, so TPE never
+    spends a trial on a knob the mode ignores. ``trial`` is an ``optuna.Trial`` (or Ray's captor of one)."""
+    mode = trial.suggest_categorical("mode", list(cfg.modes))
+    overrides: dict[str, Any] = {"preview.mode": mode}
+    if mode == "real":
+        overrides["preview.num_answer_tokens"] = trial.suggest_categorical("m", list(cfg.m))
+    elif mode == "virtual":
+        overrides["preview.virtual_prefix"] = trial.suggest_categorical("P", list(cfg.prefixes))
+    if cfg.learning_rates:
+        overrides["train.learning_rate"] = trial.suggest_categorical("learning_rate", list(cfg.learning_rates))
+    if cfg.epochs:
+        overrides["train.epochs"] = trial.suggest_categorical("epochs", list(cfg.epochs))
+    return {"overrides": overrides}
 
 
 def label(overrides: dict[str, Any]) -> str:

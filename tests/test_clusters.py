@@ -1,0 +1,325 @@
+"""The files in clusters/, checked offline: KubeRay manifests against the KubeRay v1 CRDs (strictly, so a misspelt
+field fails) and against the operator's own rules, the cluster launcher config against Ray's schema, the Slurm
+script's syntax, and everywhere: the pinned Ray image and versions, configs that exist, shared storage."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from lookahead_ray.config.loader import load_config
+from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, RAY_IMAGE, RAY_VERSION
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTERS = REPO / "clusters"
+KUBERAY_CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+SHARED_MOUNT = "/mnt/cluster_storage"
+GPU = "nvidia.com/gpu"
+FAST_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: libyaml reads them 10x faster
+
+KUBERAY_FILES = sorted((CLUSTERS / "kuberay").glob("*.yaml"))
+RAY_UP_FILES = sorted((CLUSTERS / "ray-up").glob("*.yaml"))
+SBATCH = CLUSTERS / "slurm" / "lookahead.sbatch"
+ALL_FILES = sorted(p for p in CLUSTERS.rglob("*") if p.is_file())
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    return [(f"{path.name}#{i}", doc) for path in KUBERAY_FILES
+            for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
+
+
+MANIFESTS = _manifests()
+RAYJOBS = [(name, doc) for name, doc in MANIFESTS if doc["kind"] == "RayJob"]
+
+
+def _ids(items):
+    return [name for name, _ in items]
+
+
+# --- the KubeRay CRD schemas, made strict ---------------------------------------------------------------------
+
+SCHEMA_MAPS = ("properties", "patternProperties", "definitions")
+SCHEMA_LISTS = ("anyOf", "allOf", "oneOf")
+SCHEMA_VALUES = ("items", "additionalProperties", "not")
+
+
+def strict(schema: dict) -> dict:
+    """An OpenAPI v3 schema from a CRD as JSON Schema the way the API server applies it: Kubernetes' extensions
+    translated and unknown fields refused (the API server prunes them silently, which hides a misspelling)."""
+    out = dict(schema)
+    for key in SCHEMA_MAPS:
+        if key in out:
+            out[key] = {name: strict(sub) for name, sub in out[key].items()}
+    for key in SCHEMA_LISTS:
+        if key in out:
+            out[key] = [strict(sub) for sub in out[key]]
+    for key in SCHEMA_VALUES:
+        if isinstance(out.get(key), dict):
+            out[key] = strict(out[key])
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    if not KUBERAY_CRDS.is_dir():
+        pytest.skip(f"{KUBERAY_CRDS} is absent (the KubeRay CRDs live in ../shared/schemas/kuberay next to the checkout)")
+    crd = yaml.load((KUBERAY_CRDS / CRD_FILES[kind]).read_text(), Loader=FAST_YAML)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in crd_validator(doc["kind"]).iter_errors(doc)]
+
+
+def test_kuberay_has_a_cluster_and_a_job_for_train_and_tune():
+    kinds = sorted(doc["kind"] for _, doc in MANIFESTS)
+    assert kinds.count("RayCluster") >= 1 and kinds.count("RayJob") >= 2, kinds
+    commands = {shlex.split(doc["spec"]["entrypoint"])[1] for _, doc in RAYJOBS}
+    assert {"train", "tune"} <= commands
+
+
+@pytest.mark.parametrize("name,doc", MANIFESTS, ids=_ids(MANIFESTS))
+def test_manifest_matches_the_kuberay_v1_crd(name, doc):
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in CRD_FILES, name
+    assert crd_errors(doc) == []
+
+
+@pytest.mark.parametrize("where,key", [("spec", "rayVersion"), ("worker container", "image")])
+def test_a_misspelt_field_fails_the_strict_crd_schema(where, key):
+    """The strictness is what the schema check is worth: a misspelt key at the top or deep in a pod template."""
+    doc = copy.deepcopy(next(d for _, d in MANIFESTS if d["kind"] == "RayCluster"))
+    spec = doc["spec"]
+    target = spec if where == "spec" else spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    target[key + "n"] = target.pop(key)
+    errors = crd_errors(doc)
+    assert any(f"'{key}n' was unexpected" in e for e in errors), errors
+
+
+# --- the operator's rules and this project's, not in the schema -------------------------------------------------
+
+def cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    spec = cluster_spec(doc)
+    pods = [("head", spec["headGroupSpec"]["template"]["spec"])]
+    return pods + [(group["groupName"], group["template"]["spec"]) for group in spec.get("workerGroupSpecs", [])]
+
+
+def runtime_env(doc: dict) -> dict:
+    return yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}")
+
+
+def pip_packages(env: dict) -> list[str]:
+    pip = env.get("pip") or []
+    return pip.get("packages", []) if isinstance(pip, dict) else pip
+
+
+def check_installs(requirements: list[str], where: str) -> None:
+    """No Ray over the image's; DeepSpeed, where installed, at the pinned version."""
+    parsed = [Requirement(r) for r in requirements]
+    assert "ray" not in {r.name.lower() for r in parsed}, f"{where}: installs ray over the image's Ray {RAY_VERSION}"
+    for req in parsed:
+        if req.name.lower() == "deepspeed":
+            assert str(req.specifier) == f"=={DEEPSPEED_VERSION}", f"{where}: {req}"
+
+
+def option(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {shlex.join(args)}"
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("name,doc", RAYJOBS, ids=_ids(RAYJOBS))
+def test_rayjob_follows_the_operator_rules(name, doc):
+    spec = doc["spec"]
+    assert "rayClusterSpec" in spec, f"{name}: a RayJob without clusterSelector needs rayClusterSpec"
+    if "ttlSecondsAfterFinished" in spec:
+        assert spec.get("shutdownAfterJobFinishes") is True, f"{name}: ttlSecondsAfterFinished needs shutdown"
+    assert spec.get("shutdownAfterJobFinishes") is True, f"{name}: a finished job would keep its GPUs"
+
+
+@pytest.mark.parametrize("name,doc", MANIFESTS, ids=_ids(MANIFESTS))
+def test_gpu_workers_request_limit_and_tolerate_gpus(name, doc):
+    groups = cluster_spec(doc).get("workerGroupSpecs", [])
+    assert groups, f"{name}: no worker group"
+    for group in groups:
+        pod = group["template"]["spec"]
+        resources = pod["containers"][0]["resources"]
+        assert resources["limits"].get(GPU) and resources["requests"].get(GPU) == resources["limits"][GPU], name
+        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod.get("tolerations", []), name
+
+
+@pytest.mark.parametrize("name,doc", MANIFESTS, ids=_ids(MANIFESTS))
+def test_every_pod_runs_the_pinned_ray_image(name, doc):
+    assert cluster_spec(doc)["rayVersion"] == RAY_VERSION, name
+    for group, pod in pod_specs(doc):
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["image"] == RAY_IMAGE, f"{name} {group}: {container['image']}"
+
+
+@pytest.mark.parametrize("name,doc", RAYJOBS, ids=_ids(RAYJOBS))
+def test_rayjob_runtime_env_pins_deepspeed_and_never_installs_ray(name, doc):
+    env = runtime_env(doc)
+    packages = pip_packages(env)
+    assert env.get("working_dir"), f"{name}: the job needs the project's configs/ in its working_dir"
+    assert any(Requirement(p).name.lower() == "deepspeed" for p in packages), f"{name}: DeepSpeed is not pinned"
+    check_installs(packages, name)
+
+
+@pytest.mark.parametrize("name,doc", RAYJOBS, ids=_ids(RAYJOBS))
+def test_rayjob_entrypoint_config_and_overrides_load(name, doc):
+    """A misspelt override key or a missing config fails here, not after the cluster has started."""
+    args = shlex.split(doc["spec"]["entrypoint"])
+    assert args[0] == "lookahead-ray", name
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    load_config(REPO / option(args, "--config"), overrides)
+
+
+@pytest.mark.parametrize("name,doc", MANIFESTS, ids=_ids(MANIFESTS))
+def test_shared_storage_is_mounted_in_every_pod(name, doc):
+    claims = set()
+    for group, pod in pod_specs(doc):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == SHARED_MOUNT]
+            assert mounts, f"{name} {group}: {SHARED_MOUNT} is not mounted in {container['name']}"
+            claim = volumes[mounts[0]["name"]].get("persistentVolumeClaim")
+            assert claim, f"{name} {group}: {SHARED_MOUNT} must be a PersistentVolumeClaim every pod shares"
+            claims.add(claim["claimName"])
+    assert len(claims) == 1, f"{name}: pods mount different claims {claims}"
+
+
+@pytest.mark.parametrize("name,doc", RAYJOBS, ids=_ids(RAYJOBS))
+def test_rayjob_writes_to_shared_storage(name, doc):
+    args = shlex.split(doc["spec"]["entrypoint"])
+    assert option(args, "--output-dir").startswith(SHARED_MOUNT + "/"), name
+    if args[1] == "train":
+        storage = [a.split("=", 1)[1] for a in args if a.startswith("train.storage_path=")]
+        assert storage and storage[0].startswith(SHARED_MOUNT + "/"), f"{name}: train.storage_path off shared storage"
+
+
+# --- every file in clusters/ -----------------------------------------------------------------------------------
+
+CONFIG_FLAG = re.compile(r"--config[=\s]+[\"']?([^\s\"'\\]+)")
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=[str(p.relative_to(CLUSTERS)) for p in ALL_FILES])
+def test_every_config_named_exists(path):
+    named = CONFIG_FLAG.findall(path.read_text())
+    missing = [c for c in named if not (REPO / c).is_file()]
+    assert not missing, f"{path.name} names configs that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=[str(p.relative_to(CLUSTERS)) for p in ALL_FILES])
+def test_every_version_named_is_the_pinned_one(path):
+    text = path.read_text()
+    for image in re.findall(r"rayproject/ray:[\w.-]+", text):
+        assert image == RAY_IMAGE, f"{path.name}: {image}"
+    for version in re.findall(r"(?<![\w-])ray(?:\[[\w,]+\])?==([\w.]+)", text):
+        assert version == RAY_VERSION, f"{path.name}: ray=={version}"
+    for version in re.findall(r"\bdeepspeed==([\w.]+)", text):
+        assert version == DEEPSPEED_VERSION, f"{path.name}: deepspeed=={version}"
+
+
+# --- the cluster launcher --------------------------------------------------------------------------------------
+
+VALUE_OPTIONS = {"-r", "-c", "-e", "-i", "-f", "-t", "--requirement", "--constraint", "--editable", "--index-url",
+                 "--extra-index-url", "--find-links", "--target"}
+
+
+def pip_install_arguments(command: str) -> list[str]:
+    """The requirements a shell command's `pip install` names (options and their values left out)."""
+    tokens = shlex.split(command)
+    found, i = [], 0
+    while i < len(tokens) - 1:
+        if tokens[i].rsplit("/", 1)[-1] in ("pip", "pip3") and tokens[i + 1] == "install":
+            i += 2
+            while i < len(tokens) and tokens[i] not in ("&&", "||", ";", "|"):
+                if tokens[i] in VALUE_OPTIONS:
+                    i += 1
+                elif not tokens[i].startswith("-"):
+                    found.append(tokens[i])
+                i += 1
+        i += 1
+    return found
+
+
+def launcher_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+    commands = [c for key in keys for c in config.get(key) or []]
+    for node_type in config.get("available_node_types", {}).values():
+        commands += [c for key in keys for c in node_type.get(key) or []]
+    return commands
+
+
+@functools.cache
+def ray_schema() -> dict:
+    spec = importlib.util.find_spec("ray")
+    if spec is None or spec.origin is None:
+        pytest.skip("ray is not installed: its autoscaler/ray-schema.json is the launcher's schema")
+    return json.loads((Path(spec.origin).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+@pytest.mark.parametrize("path", RAY_UP_FILES, ids=[p.name for p in RAY_UP_FILES])
+def test_ray_up_config_matches_rays_schema_and_pins(path):
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validators.validator_for(ray_schema())(ray_schema()).validate(config)
+    docker = config["docker"]
+    images = [docker["image"], docker.get("head_image"), docker.get("worker_image")]
+    images += [t.get("docker", {}).get("worker_image") for t in config["available_node_types"].values()]
+    assert {i for i in images if i} == {RAY_IMAGE}
+    installs = [r for command in launcher_commands(config) for r in pip_install_arguments(command)]
+    assert any(Requirement(r).name.lower() == "deepspeed" for r in installs), "setup_commands do not pin DeepSpeed"
+    check_installs(installs, path.name)
+    assert any(SHARED_MOUNT in option for option in docker.get("run_options", [])), "no shared storage in containers"
+
+
+def test_ray_up_has_a_launcher_config():
+    assert RAY_UP_FILES, "clusters/ray-up/ has no cluster launcher config"
+
+
+def test_pip_install_arguments_sees_through_options_and_quotes():
+    command = 'pip install -q -c c.txt "deepspeed==0.1" "x @ https://h/x.zip" && pip3 install ray'
+    assert pip_install_arguments(command) == ["deepspeed==0.1", "x @ https://h/x.zip", "ray"]
+
+
+# --- Slurm ------------------------------------------------------------------------------------------------------
+
+def shell_commands(script: str) -> list[str]:
+    """A script's commands: comments dropped, continued lines joined."""
+    lines = re.sub(r"\\\n", " ", script).splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_sbatch_script_parses_and_runs_train_through_symmetric_run():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True, capture_output=True)
+    command = next((c for c in shell_commands(SBATCH.read_text()) if "ray symmetric-run" in c), None)
+    assert command, "no `ray symmetric-run` command (comments do not count)"
+    args = shlex.split(command)
+    ray_args, entrypoint = args[:args.index("--")], args[args.index("--") + 1:]
+    assert "--address" in ray_args, "symmetric-run needs the head's --address"
+    train = entrypoint[entrypoint.index("lookahead-ray"):]
+    assert train[1] == "train" and (REPO / option(train, "--config")).is_file(), shlex.join(train)
+    assert any(a.startswith("train.storage_path=") for a in train), "checkpoints must go to shared storage"
