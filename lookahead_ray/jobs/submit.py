@@ -25,6 +25,7 @@ from lookahead_ray.jobs.versions import RAY_VERSION
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LAST_LINES = 20
+AGENT_WAIT_S = 120.0
 
 
 @dataclass
@@ -95,10 +96,22 @@ def submit(client: Any, request: SubmitRequest) -> str:
     command = request.args[0] if request.args else "job"
     job_id = request.submission_id or f"lookahead-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     metadata = {"lookahead_ray_command": " ".join(request.args), **request.metadata}
-    return _call(lambda: client.submit_job(entrypoint=entrypoint(request.args), runtime_env=request.runtime_env,
-                                           submission_id=job_id, metadata=metadata,
-                                           entrypoint_num_cpus=request.num_cpus,
-                                           entrypoint_num_gpus=request.num_gpus), client.get_address(), None)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return _call(lambda: client.submit_job(entrypoint=entrypoint(request.args), runtime_env=request.runtime_env,
+                                                   submission_id=job_id, metadata=metadata,
+                                                   entrypoint_num_cpus=request.num_cpus,
+                                                   entrypoint_num_gpus=request.num_gpus), client.get_address(), None)
+        except RuntimeError as error:
+            # A head that has just started serves the dashboard before its job agent is up: Ray answers 500
+            # "No available agent to submit job, please try again later".
+            if "No available agent" not in str(error):
+                raise
+            if time.monotonic() > deadline:
+                raise JobError(f"{client.get_address()}: the cluster's job agent did not come up within "
+                               f"{AGENT_WAIT_S:.0f} s; check the head node's dashboard_agent log") from error
+            time.sleep(2)
 
 
 def follow(client: Any, job_id: str, out: Any = None) -> str:
