@@ -6,8 +6,9 @@ Run by hand (not a test):
     python benchmarks/preview_throughput.py --scales 20 --skip-tokenize
 
 Data: ../shared/data/gsm8k/train.jsonl repeated N times into a temporary JSONL file. Tokenizer: Mistral-7B's
-SentencePiece model from the mistral_common package, loaded with AutoTokenizer as the reference does.
-Each variant runs in its own process; peak RSS is that process tree's (Ray workers included), sampled.
+SentencePiece model from the mistral_common package, loaded with AutoTokenizer as the reference does; the
+Llama-2 chat template with a system prompt for full `prepare`. Each variant runs in its own process; peak RSS
+and PSS are that process tree's (Ray workers included), sampled.
 
 Variants:
   reference          the reference algorithm: read every row into a list, tokenizer.tokenize(full answer)
@@ -18,8 +19,10 @@ Variants:
   ray-prepare-a1/a2  `prepare` with chat template + tokenisation + loss masks, 1 and 2 actors
 
 Timed: from the tokenizer load to the output written (Python imports excluded). Loading a SentencePiece
-model converts it to a fast tokenizer (seconds, the same for every variant), so rows/s are printed with and
-without that load. Ray variants include ray.init and actor start-up; their "load" column is 0.
+model converts it to a fast tokenizer (seconds): the reference pays that on every run; lookahead-ray converts
+once per machine and loads the cached conversion afterwards (a fresh cache per benchmark run, so the first
+lookahead-ray variant pays it). Rows/s are printed with and without the load. Ray variants include ray.init
+and actor start-up; their "load" column is 0.
 """
 
 from __future__ import annotations
@@ -58,25 +61,31 @@ def _make_input(work: Path, scale: int) -> tuple[Path, int]:
 
 
 class TreeRssSampler:
-    """Peak summed RSS of this process and all its descendants (Ray's raylet and workers included)."""
+    """Peak summed RSS and PSS of this process and all its descendants (Ray's raylet and workers included).
 
-    def __init__(self, interval: float = 0.1):
+    RSS counts a shared page once per process that touched it, so Ray's shared-memory object store is counted
+    again by every worker that reads a block; PSS splits shared pages between their processes and counts the
+    object store once. Their ratio tells object-store fill from real growth."""
+
+    def __init__(self, interval: float = 0.25):
         import psutil
 
         self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+        self.peak_pss = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for p in [self.proc, *self.proc.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeRssSampler:
@@ -145,24 +154,29 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             DataContext.get_current().enable_progress_bars = False
+            from lookahead_ray.config import apply_overrides
+            from lookahead_ray.prompts import LLAMA2_CHAT_TEMPLATE
+
             cfg = load_config(None, [
-                "preview.mode=real", f"model.tokenizer={tok}", "model.chat_template='{% for m in messages %}"
-                "{{ m.content }}{% endfor %} [/INST]'", "records.instruction_field=question",
+                "preview.mode=real", f"model.tokenizer={tok}", "records.instruction_field=question",
                 "records.answer_field=answer", f"data.inputs=[{src}]", f"data.output_dir={out}",
                 f"data.num_actors={variant[-1]}", f"data.tokenize={'false' if 'preview' in variant else 'true'}",
-                "data.batch_size=4096"])
+                "data.batch_size=4096", "tokenization.system_prompt='You are a helpful assistant.'"])
+            cfg = apply_overrides(cfg, {"model.chat_template": LLAMA2_CHAT_TEMPLATE})
             start = time.perf_counter()
             report = run_prepare(cfg)
             seconds = time.perf_counter() - start
             assert report.rows_rejected == 0, report.summary()
             ray.shutdown()
-    return {"seconds": seconds, "load_seconds": load_seconds, "peak_rss_mb": rss.peak / 2**20}
+    return {"seconds": seconds, "load_seconds": load_seconds, "peak_rss_mb": rss.peak / 2**20,
+            "peak_pss_mb": rss.peak_pss / 2**20}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="20,200", help="GSM8K train repetitions, comma separated")
     parser.add_argument("--skip-tokenize", action="store_true", help="leave out ray-prepare (full tokenisation)")
+    parser.add_argument("--skip", default="", help="variants to leave out, comma separated (e.g. transform)")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SRC", "TOK", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -172,6 +186,7 @@ def main() -> None:
     if not GSM8K.exists():
         sys.exit(f"skipped: {GSM8K} is absent (the benchmark reads ../shared/data)")
     work = Path(tempfile.mkdtemp(prefix="preview-bench-"))
+    os.environ["LOOKAHEAD_RAY_CACHE"] = str(work / "cache")  # children inherit it
     tok = _tokenizer_dir(work)
     variants = ["reference", "transform", "preview-w1", "preview-w2", "ray-preview-a1", "ray-preview-a2"]
     if not args.skip_tokenize:
@@ -181,8 +196,8 @@ def main() -> None:
         for scale in (int(s) for s in args.scales.split(",")):
             src, rows = _make_input(work, scale)
             for variant in variants:
-                if (variant.startswith("ray-prepare") or variant.endswith("a2")) and scale > 20:
-                    continue  # minutes each at 1.5M rows; x20 shows their rate
+                if variant in args.skip.split(","):
+                    continue
                 out = work / f"out-{variant}-{scale}"
                 proc = subprocess.run([sys.executable, __file__, "--child", variant, str(src), str(tok), str(out)],
                                       capture_output=True, text=True, cwd=REPO)
@@ -194,7 +209,8 @@ def main() -> None:
                 results[(variant, scale)] = result
                 print(f"x{scale:<4} {rows:>9,} rows  {variant:<15} {result['seconds']:7.1f} s "
                       f"(tokenizer load {result['load_seconds']:4.1f} s) {result['rows_per_s']:>8,.0f} rows/s, "
-                      f"{result['steady_rows_per_s']:>8,.0f} without the load  peak RSS {result['peak_rss_mb']:6.0f} MB",
+                      f"{result['steady_rows_per_s']:>8,.0f} without the load  peak RSS {result['peak_rss_mb']:6.0f} MB "
+                      f"PSS {result['peak_pss_mb']:6.0f} MB",
                       flush=True)
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
             src.unlink()
@@ -203,12 +219,16 @@ def main() -> None:
     print("\nratios (rows/s against the reference in the same run; RSS against the smallest scale):")
     scales = sorted({s for _, s in results})
     for (variant, scale), r in results.items():
-        ref = results[("reference", scale)]
-        line = (f"x{scale:<4} {variant:<15} speed {r['rows_per_s'] / ref['rows_per_s']:5.1f}x reference end to end, "
-                f"{r['steady_rows_per_s'] / ref['steady_rows_per_s']:5.1f}x without the tokenizer load")
+        ref = results.get(("reference", scale))
+        line = f"x{scale:<4} {variant:<15} "
+        if ref:
+            line += (f"speed {r['rows_per_s'] / ref['rows_per_s']:5.1f}x reference end to end, "
+                     f"{r['steady_rows_per_s'] / ref['steady_rows_per_s']:5.1f}x without the tokenizer load")
         if scale != scales[0] and (variant, scales[0]) in results:
             base = results[(variant, scales[0])]["peak_rss_mb"]
-            line += f"   peak RSS x{scale}/x{scales[0]} = {r['peak_rss_mb'] / base:.2f}"
+            base_pss = results[(variant, scales[0])]["peak_pss_mb"]
+            line += (f"   peak RSS x{scale}/x{scales[0]} = {r['peak_rss_mb'] / base:.2f}, "
+                     f"PSS {r['peak_pss_mb'] / base_pss:.2f}")
         print(line)
 
 

@@ -42,7 +42,8 @@ def _preview_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--P", help="virtual prefix (default: \"Let's solve this problem. \")")
     p.add_argument("--connector", help="default: \" The answer begins with: \"")
     p.add_argument("--config", help="YAML config supplying preview/records/model settings")
-    p.add_argument("--workers", type=int, default=1, help="processes to spread chunks over (order kept)")
+    p.add_argument("--workers", type=int, help="processes to spread chunks over, order kept (default: one per core "
+                                                "for inputs over 16 MiB, else 1)")
 
 
 def _preview_config(args: argparse.Namespace) -> LookaheadConfig:

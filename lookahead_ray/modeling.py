@@ -80,6 +80,29 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
     return str(tiny_tokenizer_dir()) if name_or_path == BUILTIN_TINY else name_or_path
 
 
+def converted_tokenizer_dir(source: str, trust_remote_code: bool = False) -> str:
+    """A directory holding only a SentencePiece ``tokenizer.model`` makes transformers convert it to a fast
+    tokenizer on every load (seconds, in the driver and again in every Ray worker). The converted tokenizer is
+    saved once under the cache root, keyed by the hash of the source's files and the transformers version, and
+    loaded from there; any other source is returned unchanged."""
+    directory = Path(source)
+    if not (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").exists():
+        return source
+    import transformers
+    from transformers import AutoTokenizer
+
+    digest = hashlib.sha256(transformers.__version__.encode())
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".model", ".json", ".jinja")):
+        digest.update(path.name.encode() + path.read_bytes())
+    target = cache_root() / "tokenizers" / f"converted-{digest.hexdigest()[:16]}"
+    if not (target / "tokenizer.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_path(target)
+        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(str(staging))
+        publish_dir(staging, target, replace=False)  # another process may have won the race: same content
+    return str(target)
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False, chat_template: str | None = None,
                    padding_side: str | None = None) -> Any:
     """``AutoTokenizer`` (as the reference does) from a directory, a Hub id or ``builtin:tiny``.
@@ -93,8 +116,8 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False, chat_templat
 
     kwargs = {"padding_side": padding_side} if padding_side else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(source), trust_remote_code=trust_remote_code,
-                                                  **kwargs)
+        path = converted_tokenizer_dir(resolve_tokenizer_path(source), trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load tokenizer from {source!r}: {exc}") from exc
     if chat_template is not None:

@@ -148,3 +148,42 @@ def test_preview_only_output_and_training_stream(tmp_path):
         assert set(batch) == {"input_ids", "attention_mask", "labels"}
         seen += len(batch["input_ids"])
     assert seen == 40
+
+
+def test_line_ranges_cover_the_file_and_keep_every_line_number(tmp_path):
+    from lookahead_ray.data.readers import ByteWindow, RowReader, line_ranges
+
+    lines = [json.dumps(r) for r in _rows(300)]
+    lines[10] = ""  # a blank line is not a row, but it is a line
+    lines[50] = "x" * 5000  # longer than a range
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(lines))  # no newline at the end
+    reader = RowReader(max_row_bytes=4096)
+    with open(src, "rb") as f:
+        whole = list(reader.rows(f, str(src), "jsonl"))
+    for target in (1, 700, 4096, 10**9):
+        ranges = line_ranges(str(src), target)
+        assert ranges[0][0] == 0 and ranges[-1][1] == src.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
+        pieces = []
+        with open(src, "rb") as f:
+            for start, end, before in ranges:
+                f.seek(start)
+                pieces += list(reader.rows(ByteWindow(f, end - start), str(src), "jsonl", before))
+        assert pieces == whole, target
+    assert len(line_ranges(str(src), 700)) > 20 and ("x" * 10) not in str(whole[49])  # row 51 is row_too_large
+
+
+def test_a_large_jsonl_file_is_read_in_ranges_with_the_same_output(tmp_path):
+    src = _write_jsonl(tmp_path / "big.jsonl", _rows(500))
+    whole = run_prepare(_cfg(tmp_path / "a", [str(src)]))
+    split = run_prepare(_cfg(tmp_path / "b", [str(src)], read_split_bytes=4096))  # about 8 ranges
+    assert (split.rows_read, split.rows_written) == (whole.rows_read, whole.rows_written) == (500, 500)
+    def by_row(directory):
+        return sorted((r["source_row"], r["input_ids"], r["labels"]) for r in _read_shards(directory / "prepared"))
+    assert by_row(tmp_path / "b") == by_row(tmp_path / "a")
+    with pytest.raises(RowError) as info:  # a bad row in a later range keeps its own line number
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(src.read_text() + "{not json\n")
+        run_prepare(_cfg(tmp_path / "c", [str(bad)], read_split_bytes=4096))
+    assert info.value.row == 501

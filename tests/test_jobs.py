@@ -86,7 +86,6 @@ def _free_port() -> int:
 
 def _start_head(tmp_path_factory, auth_mode: str, token: str | None = None):
     """`ray start --head --block` in its own process group: stopping it stops this head and nothing else."""
-    dashboard_port = _free_port()
     temp_dir = tmp_path_factory.mktemp("head")
     head_env = {**os.environ, "RAY_AUTH_MODE": auth_mode,
                 # the cluster's python is this environment's (an image's, on a real cluster)
@@ -95,10 +94,15 @@ def _start_head(tmp_path_factory, auth_mode: str, token: str | None = None):
     if token:
         head_env["RAY_AUTH_TOKEN"] = token
     ray_cli = str(Path(sys.executable).parent / "ray")
+    # Every port of its own: the session's local Ray (ray_local) already holds the defaults, and a head whose
+    # dashboard agent cannot bind 52365 answers every job submission with "No available agent".
+    ports = [f"--{name}={_free_port()}" for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                                     "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                     "metrics-export-port", "ray-client-server-port")]
+    dashboard_port = int(ports[1].split("=")[1])
     process = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        [ray_cli, "start", "--head", "--block", *ports, "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120

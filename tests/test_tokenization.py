@@ -12,18 +12,8 @@ from lookahead_ray.data.preview import preview_records
 from lookahead_ray.data.records import RecordSchema
 from lookahead_ray.data.tokenization import IGNORE_INDEX, ExampleTokenizer
 from lookahead_ray.errors import RowError
+from lookahead_ray.prompts import LLAMA2_CHAT_TEMPLATE
 
-# The Llama-2-chat template as shipped in its tokenizer_config.json (alternation checks left out).
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
 QA = RecordSchema(RecordConfig(instruction_field="question", answer_field="answer"))
 
 
@@ -100,3 +90,60 @@ def test_answer_prefix_is_given_not_learned(tiny_tokenizer):
     _check_mask(tiny_tokenizer, example, record["output"])
     masked = example.input_ids[: example.labels.count(IGNORE_INDEX)]
     assert tiny_tokenizer.decode(masked).endswith("<|assistant|>\nSure, here is")
+
+
+@pytest.mark.parametrize("system", [None, "", "You are a helpful assistant.", "  padded system  "])
+def test_fast_prompt_rendering_equals_the_chat_template_on_every_shape(mistral_tokenizer, tiny_tokenizer, system):
+    from lookahead_ray.prompts import SENTINEL, PromptRenderer, render_prompt, user_prompt_messages
+
+    contents = ["How many apples?", "  leading space", "trailing space. ", "\nboth\n ", "multi\nline\ttext",
+                "The answer begins with: Let's solve this problem. ", "", "   ", f"has {SENTINEL} in it", "ünïcödé ✓"]
+    conversations = [user_prompt_messages(c, system) for c in contents]
+    conversations.append([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}])  # multi-turn: rendered in full
+    saved = mistral_tokenizer.chat_template
+    try:
+        for tokenizer, template in ((mistral_tokenizer, LLAMA2_CHAT_TEMPLATE), (tiny_tokenizer, None)):
+            if template:
+                tokenizer.chat_template = template
+            renderer = PromptRenderer(tokenizer)
+            for _ in range(2):  # the second pass runs on cached frames
+                assert renderer.render_many(conversations) == [render_prompt(tokenizer, m) for m in conversations]
+            assert renderer.fast_path_disabled is None
+    finally:
+        mistral_tokenizer.chat_template = saved
+
+
+def test_a_template_that_rewrites_the_content_switches_the_fast_path_off(mistral_tokenizer):
+    from lookahead_ray.prompts import PromptRenderer, render_prompt, user_prompt_messages
+
+    saved = mistral_tokenizer.chat_template
+    mistral_tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] | replace('banana', 'BANANA') }}"
+                                       "{% endfor %}{% if add_generation_prompt %} [/INST]{% endif %}")
+    try:  # the sentinel frame looks fine; the check on the batch's first prompt catches the rewrite
+        conversations = [user_prompt_messages(c) for c in ("banana split", "apple pie", "cat")]
+        renderer = PromptRenderer(mistral_tokenizer)
+        assert renderer.render_many(conversations) == [render_prompt(mistral_tokenizer, m) for m in conversations]
+        assert renderer.fast_path_disabled and "differs" in renderer.fast_path_disabled
+    finally:
+        mistral_tokenizer.chat_template = saved
+
+
+def test_sentencepiece_tokenizer_is_converted_once_and_loads_identically(mistral_tokenizer_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from lookahead_ray.modeling import load_tokenizer
+
+    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.name for p in mistral_tokenizer_dir.iterdir())
+    first, second = load_tokenizer(str(mistral_tokenizer_dir)), load_tokenizer(str(mistral_tokenizer_dir))
+    (converted,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert second.name_or_path == str(converted) and (converted / "tokenizer.json").exists()
+    assert sorted(p.name for p in mistral_tokenizer_dir.iterdir()) == before  # the source is never written to
+    reference = AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))  # converted in place, as transformers does
+    texts = [json.loads(x)["answer"] for x in shared_file("gsm8k/train.jsonl").read_text().splitlines()[:300]]
+    texts += ["", " leading", "<s>[INST] special [/INST]</s>", "ünïcödé ✓ 12,345.67"]
+    expected = reference(texts, add_special_tokens=True)["input_ids"]
+    for tokenizer in (first, second):
+        assert tokenizer(texts, add_special_tokens=True)["input_ids"] == expected
+        assert tokenizer.all_special_ids == reference.all_special_ids and tokenizer.eos_token == reference.eos_token

@@ -97,10 +97,12 @@ class DataConfig:
     cpus_per_actor: float = 0.5
     """Fractional so read tasks still get a CPU: an actor pool holding every CPU starves the reads and hangs."""
     rows_per_shard: int = 100_000
+    read_split_bytes: int = 64 * 2**20
+    """A JSONL input larger than this is read by several tasks, in line-aligned byte ranges of about this size."""
     """Target rows per output Parquet shard."""
 
     def __post_init__(self) -> None:
-        for name in ("max_row_bytes", "batch_size", "num_actors", "rows_per_shard"):
+        for name in ("max_row_bytes", "batch_size", "num_actors", "rows_per_shard", "read_split_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor <= 0:

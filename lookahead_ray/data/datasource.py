@@ -1,27 +1,52 @@
-"""Ray Data datasource over the row readers of ``record_files``: streaming, numbered rows of JSON text."""
+"""Ray Data datasource over the row readers of ``readers``: streaming, numbered rows of JSON text.
+
+One read task per file, except that a local JSONL file larger than ``split_bytes`` is read as several
+line-aligned byte ranges, one task each (a single big file would otherwise be read by one task while the
+rest of the cluster waits). Every range ends with its own end-of-file row, and the pipeline's accounting
+adds a file's ranges up, so rows in = rows out still holds per file.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from typing import Any
+from functools import partial
 
 import pyarrow as pa
-from ray.data.datasource import FileBasedDatasource
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from lookahead_ray.data.readers import RowReader, file_format
+from lookahead_ray.data.readers import ByteWindow, RowReader, file_format, line_ranges
 
 
-class RecordFileDatasource(FileBasedDatasource):
-    """Streams JSONL / JSON / Parquet / Arrow files as READ_SCHEMA blocks, one read task per file."""
+class RecordFileDatasource(Datasource):
+    """JSONL / JSON / Parquet / Arrow files as READ_SCHEMA blocks."""
 
-    def __init__(self, paths: list[str], input_format: str = "auto", max_row_bytes: int = 1 << 20):
-        super().__init__(paths)
-        self.input_format, self.reader = input_format, RowReader(max_row_bytes)
+    def __init__(self, paths: list[str], input_format: str = "auto", max_row_bytes: int = 1 << 20,
+                 split_bytes: int = 64 << 20):
+        self.paths, self.input_format, self.split_bytes = list(paths), input_format, split_bytes
+        self.reader = RowReader(max_row_bytes)
 
-    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
-        if file_format(path, self.input_format) == "parquet":  # Parquet footers need random access
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(os.path.getsize(p) for p in self.paths)
 
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from self.reader.tables(f, path, file_format(path, self.input_format))
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: object | None = None) -> list[ReadTask]:
+        tasks = []
+        for path in self.paths:
+            fmt = file_format(path, self.input_format)
+            size = os.path.getsize(path)
+            ranges = line_ranges(path, self.split_bytes) if fmt == "jsonl" and size > self.split_bytes else \
+                [(0, size, 0)]
+            for start, end, lines_before in ranges:
+                metadata = BlockMetadata(num_rows=None, size_bytes=end - start, exec_stats=None, input_files=(path,))
+                tasks.append(ReadTask(partial(self._read, path, fmt, start, end, lines_before), metadata))
+        return tasks
+
+    def _read(self, path: str, fmt: str, start: int, end: int, lines_before: int) -> Iterator[pa.Table]:
+        with open(path, "rb") as f:
+            if fmt != "jsonl":  # whole files: Parquet footers and JSON lists need the file itself
+                yield from self.reader.tables(f, path, fmt)
+                return
+            f.seek(start)
+            yield from self.reader.tables(ByteWindow(f, end - start), path, fmt, lines_before)

@@ -130,7 +130,7 @@ def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False
     """Read + transform as a lazy Ray Dataset: one output row per input row, rejections included, or (for
     training) only the token columns of accepted rows."""
     files = expand_inputs(cfg.data)
-    source = RecordFileDatasource(files, cfg.data.input_format, cfg.data.max_row_bytes)
+    source = RecordFileDatasource(files, cfg.data.input_format, cfg.data.max_row_bytes, cfg.data.read_split_bytes)
     # Fractional CPUs for reads and actors: on a 2-CPU node an actor pool holding every CPU starves the reads.
     check_resources({"CPU": cfg.data.num_actors * cfg.data.cpus_per_actor + READ_CPUS},
                     "data.num_actors x data.cpus_per_actor",

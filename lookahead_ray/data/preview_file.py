@@ -129,14 +129,25 @@ def _run_chunk(chunk: tuple[list[int], list[Any]]) -> tuple[int, str | list[dict
     return _worker(chunk)
 
 
+AUTO_WORKERS_MIN_BYTES = 16 * 2**20
+
+
+def default_workers(input_file: str) -> int:
+    if Path(input_file).stat().st_size < AUTO_WORKERS_MIN_BYTES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, input_format: str,
-                     output_format: str, workers: int = 1, tokenizer: Any = None) -> PreviewFileStats:
+                     output_format: str, workers: int | None = None, tokenizer: Any = None) -> PreviewFileStats:
     """Preview every record of ``input_file`` into ``output_file``.
 
     Args:
         cfg: preview, records and model (tokenizer) settings.
         input_format / output_format: "jsonl", "json" or "parquet".
-        workers: processes to spread chunks over (order is kept); 1 runs in this process.
+        workers: processes to spread chunks over (order is kept); 1 runs in this process; None: one per
+            available core for inputs over AUTO_WORKERS_MIN_BYTES, else 1 (a pool's start-up costs more than
+            it saves on a small file).
         tokenizer: an already loaded tokenizer (real mode); by default ``cfg.model.tokenizer`` is loaded.
 
     Raises:
@@ -156,6 +167,8 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
         # to a fast tokenizer, which takes seconds and would otherwise be repeated in every process.
         tokenizer = tokenizer_for(cfg.model)
     args = (cfg, input_format, output_format, input_file, tokenizer)
+    if workers is None:
+        workers = default_workers(input_file)
     with atomic_file(output_file, binary=output_format == "parquet") as out:
         if workers > 1:
             pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=args)

@@ -87,21 +87,64 @@ def file_format(path: str, input_format: str) -> str:
     return input_format if input_format != "auto" else FORMAT_BY_SUFFIX[Path(path).suffix]
 
 
+def line_ranges(path: str, target_bytes: int) -> list[tuple[int, int, int]]:
+    """Split a JSONL file into byte ranges of about ``target_bytes`` that each end just after a newline (the
+    last at the end of the file), with the number of lines before each, so each range can be read by its own
+    task and its rows keep their line numbers. One pass over the file, counting newlines."""
+    size = os.path.getsize(path)
+    cuts: list[tuple[int, int]] = []  # (offset just after a newline, lines before that offset)
+    lines = position = 0
+    want = target_bytes
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            done = 0
+            while want < position + len(chunk):
+                newline = chunk.find(b"\n", max(want - position, done))
+                if newline < 0:
+                    break  # the cut moves to the first newline of a later chunk
+                lines += chunk.count(b"\n", done, newline + 1)
+                done = newline + 1
+                cuts.append((position + done, lines))
+                want = position + done + target_bytes
+            lines += chunk.count(b"\n", done)
+            position += len(chunk)
+    cuts = [cut for cut in cuts if cut[0] < size]
+    starts = [(0, 0), *cuts]
+    ends = [offset for offset, _ in cuts] + [size]
+    return [(start, end, before) for (start, before), end in zip(starts, ends, strict=True)]
+
+
+class ByteWindow:
+    """A read-only view of ``length`` bytes of an open file from its current position."""
+
+    def __init__(self, f: IO[bytes], length: int):
+        self.f, self.left = f, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size) if size > 0 else b""
+        self.left -= len(data)
+        return data
+
+
 class RowReader:
     """Reads one file of any supported format as numbered rows; rows over ``max_row_bytes`` become errors."""
 
     def __init__(self, max_row_bytes: int):
         self.max_row_bytes = max_row_bytes
 
-    def rows(self, f: IO[bytes], path: str, fmt: str) -> Iterator[tuple]:
-        return {"jsonl": self._jsonl_rows, "json": self._json_rows,
-                "parquet": self._parquet_rows, "arrow": self._arrow_rows}[fmt](f, path)
+    def rows(self, f: IO[bytes], path: str, fmt: str, lines_before: int = 0) -> Iterator[tuple]:
+        """Numbered rows; ``lines_before``: for a JSONL byte range, the lines of the file before it."""
+        if fmt == "jsonl":
+            return self._jsonl_rows(f, path, lines_before)
+        return {"json": self._json_rows, "parquet": self._parquet_rows, "arrow": self._arrow_rows}[fmt](f, path)
 
-    def tables(self, f: IO[bytes], path: str, fmt: str) -> Iterator[pa.Table]:
-        """The rows in blocks of READ_SCHEMA tables, then the file's end-of-file row (see END_OF_FILE)."""
+    def tables(self, f: IO[bytes], path: str, fmt: str, lines_before: int = 0) -> Iterator[pa.Table]:
+        """The rows in blocks of READ_SCHEMA tables, then an end-of-file row counting them (see END_OF_FILE;
+        the rows of a file read in several ranges are the sum of its ranges' counts)."""
         block: list[tuple] = []
         count = 0
-        for row in self.rows(f, path, fmt):
+        for row in self.rows(f, path, fmt, lines_before):
             block.append(row)
             count += 1
             if len(block) == BLOCK_ROWS:
@@ -113,10 +156,10 @@ class RowReader:
     def _too_large(self, size: int) -> str:
         return f"row_too_large: {size} bytes > data.max_row_bytes {self.max_row_bytes}"
 
-    def _jsonl_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
+    def _jsonl_rows(self, f: IO[bytes], path: str, lines_before: int = 0) -> Iterator[tuple]:
         """Lines as rows. A line is held only up to ``max_row_bytes``; past that its bytes are just counted to
         its newline, so a huge file without newlines costs bounded memory and is one row_too_large row."""
-        carry, carry_size, number = bytearray(), 0, 0
+        carry, carry_size, number = bytearray(), 0, lines_before
         while chunk := f.read(_READ_BYTES):
             pieces = chunk.split(b"\n")  # pieces[0] continues the carried line; pieces[-1] goes on in the next chunk
             for i, piece in enumerate(pieces[:-1]):
