@@ -17,6 +17,8 @@ Variants:
   preview-w1/-w2     the drop-in `lookahead-ray preview` command (file to file), 1 and 2 worker processes
   ray-preview-a1/a2  `prepare` with data.tokenize=false through Ray Data, 1 and 2 transform actors
   ray-prepare-a1/a2  `prepare` with chat template + tokenisation + loss masks, 1 and 2 actors
+  encode-only        only the Rust tokenizer encoding full prepare cannot avoid (prompt and answer, one core):
+                     its rows/s x cores bounds full prepare from above
 
 Timed: from the tokenizer load to the output written (Python imports excluded). Loading a SentencePiece
 model converts it to a fast tokenizer (seconds): the reference pays that on every run; lookahead-ray converts
@@ -131,6 +133,23 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
             for i in range(0, len(answers), 4096):
                 previewer.preview_many(answers[i:i + 4096])
             seconds = time.perf_counter() - start
+        elif variant == "encode-only":
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core: the floor of full prepare's CPU per row
+            from lookahead_ray.modeling import load_tokenizer
+            from lookahead_ray.prompts import LLAMA2_CHAT_TEMPLATE, PromptRenderer, user_prompt_messages
+
+            tokenizer = load_tokenizer(str(tok), chat_template=LLAMA2_CHAT_TEMPLATE)
+            rows = [json.loads(line) for line in open(src, encoding="utf-8")]
+            prompts = PromptRenderer(tokenizer).render_many(
+                [user_prompt_messages(r["question"] + " The answer begins with: x", "You are a helpful assistant.")
+                 for r in rows])
+            answers = [r["answer"] for r in rows]
+            encode = tokenizer.backend_tokenizer.encode_batch_fast
+            start = time.perf_counter()
+            for i in range(0, len(rows), 4096):
+                encode(prompts[i:i + 4096], add_special_tokens=False)
+                encode(answers[i:i + 4096], add_special_tokens=False)
+            seconds = time.perf_counter() - start
         elif variant.startswith("preview-w"):
             from lookahead_ray.config import load_config
             from lookahead_ray.data.preview_file import run_preview_file
@@ -190,7 +209,7 @@ def main() -> None:
     tok = _tokenizer_dir(work)
     variants = ["reference", "transform", "preview-w1", "preview-w2", "ray-preview-a1", "ray-preview-a2"]
     if not args.skip_tokenize:
-        variants += ["ray-prepare-a1", "ray-prepare-a2"]
+        variants += ["ray-prepare-a1", "ray-prepare-a2", "encode-only"]
     results: dict[tuple[str, int], dict] = {}
     try:
         for scale in (int(s) for s in args.scales.split(",")):
