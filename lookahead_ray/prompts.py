@@ -91,9 +91,9 @@ class PromptRenderer:
         if roles not in (["user"], ["system", "user"]) or any(set(m) != {"role", "content"} for m in messages):
             return None
         content = messages[-1]["content"]
-        core = content.strip()
-        if not isinstance(content, str) or not core or SENTINEL in content:
+        if not isinstance(content, str) or not content.strip() or SENTINEL in content:
             return None
+        core = content.strip()
         lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):]
         system = messages[0]["content"] if len(messages) == 2 else None
         key = (system, lead, trail)
