@@ -110,13 +110,23 @@ def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) ->
     return str(final)
 
 
+def build_world(out: Path, seed: int, quick: bool) -> tuple[dict[str, str], Path]:
+    """The synthetic world in OUT/world and its tokenizer (trained on the world's text) in OUT/world/tokenizer."""
+    from lookahead_ray.demo.world import generate_world, world_text
+    from lookahead_ray.modeling import build_tiny_tokenizer
+
+    stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
+    world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
+    tokenizer_dir = out / "world" / "tokenizer"
+    build_tiny_tokenizer(tokenizer_dir, corpus=world_text(world), vocab_size=768)
+    return world, tokenizer_dir
+
+
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
              virtual_prefix: str = "Let's solve this problem. ") -> dict[str, Any]:
     """Run the demo end to end and write the report into ``output_dir``; returns the results dict."""
     from lookahead_ray.data.pipeline import run_prepare
-    from lookahead_ray.demo.world import generate_world, world_text
     from lookahead_ray.eval.runner import run_eval
-    from lookahead_ray.modeling import build_tiny_tokenizer
     from lookahead_ray.runtime import init_ray
     from lookahead_ray.train.driver import run_training
 
@@ -126,10 +136,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
         f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix}) + "\n")
-    stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
-    world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
-    tokenizer_dir = out / "world" / "tokenizer"
-    build_tiny_tokenizer(tokenizer_dir, corpus=world_text(world), vocab_size=768)
+    world, tokenizer_dir = build_world(out, seed, quick)
     init_ray()
     timings: dict[str, float] = {}
     mark = time.perf_counter()

@@ -46,8 +46,6 @@ def search_config(world: dict[str, str], seed_dir: str, out: Path, quick: bool) 
 
 def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Any:
     """World -> cached seed model -> `tune` over m and P on the world's validation split."""
-    from lookahead_ray.demo.world import generate_world, world_text
-    from lookahead_ray.modeling import build_tiny_tokenizer
     from lookahead_ray.runtime import init_ray
     from lookahead_ray.tune.search import run_search
 
@@ -56,10 +54,7 @@ def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrid
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / SEARCH_MARKER) as f:
         f.write(json.dumps({"seed": seed, "quick": quick}) + "\n")
-    demo.stage(f"world: generating the synthetic aligned world (seed {seed}) with its validation split")
-    world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
-    tokenizer_dir = out / "world" / "tokenizer"
-    build_tiny_tokenizer(tokenizer_dir, corpus=world_text(world), vocab_size=768)
+    world, tokenizer_dir = demo.build_world(out, seed, quick)
     init_ray()
     seed_dir = demo.cached_seed_model(world, str(tokenizer_dir), quick)
     cfg = apply_overrides(LookaheadConfig.from_dict(search_config(world, seed_dir, out, quick), source="demo search"),
