@@ -3,18 +3,19 @@
 Every subcommand is ``load_config -> library function(cfg)``; tests call the library functions directly.
 Config subcommands take ``--config FILE`` plus ``dotted.key=value`` overrides. A :class:`LookaheadError` (or a
 missing file) is the user's to fix: one line on stderr, exit 2. Anything else is a bug and keeps its
-traceback; ``-v`` shows the traceback always.
+traceback (its last lines on stderr, all of it in the run's log file, see ``console``); ``-v`` shows the
+traceback always and Ray's and the libraries' output on the console.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from lookahead_ray import console
 from lookahead_ray.config import LookaheadConfig, load_config
 from lookahead_ray.errors import ConfigError, LookaheadError
 
@@ -85,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray()
     report = run_prepare(cfg)
-    print(report.summary())
+    console.summary([report.summary(), f"report: {Path(report.output_dir) / 'prepare_report.json'}"])
     return 0
 
 
@@ -100,9 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.already_finished:
         print(f"train: run {cfg.train.run_name!r} already finished with these settings; nothing to do")
     keys = ("step", "loss", "tokens_per_second", "export_max_abs_logit_diff")
-    print("train: " + ", ".join(f"{k}={result.metrics[k]:.4g}" if isinstance(result.metrics.get(k), float)
-                                else f"{k}={result.metrics.get(k)}" for k in keys)
-          + f" -> {result.final_dir}")
+    console.summary(["train: " + ", ".join(f"{k}={result.metrics[k]:.4g}" if isinstance(result.metrics.get(k), float)
+                                           else f"{k}={result.metrics.get(k)}" for k in keys),
+                     f"model (Hugging Face): {result.final_dir}", f"checkpoint: {result.checkpoint_dir}"])
     return 0
 
 
@@ -151,10 +152,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"tune.output_dir={args.output_dir}"] if args.output_dir else [])
     result = run_search(load_config(args.config, overrides), resume=args.resume)
     done = [t for t in result.trials if t.get("objective") is not None]
-    print(f"tune: {len(done)} of {len(result.trials)} trials finished; trials.md, trials.csv, pareto.png"
-          + (" and best.yaml" if result.best_config else "") + f" in {result.search_dir}")
-    if done:
-        print(f"tune: best trial {done[0]['trial_id']} ({done[0]['label']}), objective {done[0]['objective']:.4f}")
+    console.summary([f"tune: {len(done)} of {len(result.trials)} trials finished; trials.md, trials.csv, pareto.png"
+                     + (" and best.yaml" if result.best_config else "") + f" in {result.search_dir}"]
+                    + ([f"tune: best trial {done[0]['trial_id']} ({done[0]['label']}), objective "
+                        f"{done[0]['objective']:.4f}"] if done else []))
     return 0 if done else 2
 
 
@@ -166,24 +167,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     results = run_eval(cfg, parse_model_args(args.model))
     print(report_table(results))
-    print(f"eval: results.json, samples.jsonl and report.md in {cfg.stage_dir('eval')}")
+    console.summary([f"eval: results.json, samples.jsonl and report.md in {cfg.stage_dir('eval')}"])
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lookahead_ray.demo.run import run_demo
+    from lookahead_ray.demo.run import demo_summary, run_demo
 
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
 
         result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides)
         done = [t for t in result.trials if t.get("objective") is not None]
-        print(f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and pareto.png in "
-              f"{result.search_dir}")
+        console.summary([f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and "
+                         f"pareto.png in {result.search_dir}"])
         return 0 if done else 2
     if args.overrides:
         raise ConfigError("demo: key=value overrides apply to the search config; add --search")
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed, m=args.m, virtual_prefix=args.P)
+    results = run_demo(args.output_dir, quick=args.quick, seed=args.seed, m=args.m, virtual_prefix=args.P)
+    console.summary(demo_summary(results, Path(args.output_dir).resolve()))
     return 0
 
 
@@ -288,7 +290,9 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="the full stream on the console: Ray's worker output, Ray Data's plans, library warnings "
+                             "(by default they go to OUTPUT_DIR/logs/lookahead.log)")
     sub = parser.add_subparsers(dest="command", required=True)
     _preview_parser(sub)
     prepare = sub.add_parser("prepare", help="preview + tokenize on Ray Data, write Parquet shards and a row report")
@@ -331,8 +335,7 @@ COMMANDS = {"preview": cmd_preview, "prepare": cmd_prepare, "train": cmd_train, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.configure(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except (LookaheadError, FileNotFoundError) as exc:
@@ -342,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{config}: " if isinstance(exc, ConfigError) and config and config not in str(exc) else ""
         print(f"lookahead-ray {args.command}: error: {where}{exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug or a failure inside Ray: its traceback goes to the log file and stderr
+        console.report_failure(args.command, exc)
+        return 1
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":

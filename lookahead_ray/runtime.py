@@ -27,9 +27,17 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
     if env_vars:
         kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}),
                                  "env_vars": {**kwargs.get("runtime_env", {}).get("env_vars", {}), **env_vars}}
+    from lookahead_ray import console
+
+    console.quiet_libraries()  # before ray.init, which announces itself through the "ray" logger
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
-        return
+    else:
+        _init_local(ray, num_cpus, kwargs)
+    console.after_ray_init()
+
+
+def _init_local(ray: Any, num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner polls to free the workers'
     # placement group when a controller dies (a Tune trial stopped early, a killed driver). Without it that
     # placement group leaks and the next trial waits for its CPUs forever.

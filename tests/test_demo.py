@@ -50,15 +50,29 @@ def test_world_is_deterministic_and_changes_with_the_seed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, monkeypatch, demo_cache):
+def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, demo_cache):
+    """Run as a user runs it: the CLI in its own process (joined to the session's Ray), console captured."""
+    import os
+    import subprocess
+    import sys
+
     from lookahead_ray.demo.run import SAFETY_COLUMNS
     from lookahead_ray.eval.report import results_table
 
-    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))
-    from lookahead_ray.demo.run import run_demo
-
     out = tmp_path / "demo"
-    results = run_demo(str(out), quick=True, seed=3)
+    env = {**os.environ, "LOOKAHEAD_RAY_CACHE": str(demo_cache), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--output-dir", str(out)],
+                         env=env, capture_output=True, text=True, timeout=1100)
+    assert run.returncode == 0, run.stderr[-5000:]
+    # The console: stage lines and a summary naming the report, at most 60 lines; Ray's output in the log file.
+    console_lines = (run.stdout + run.stderr).splitlines()
+    assert len(console_lines) <= 60, "\n".join(console_lines)
+    for stage in ("world:", "seed model:", "vanilla: prepare", "real: prepare", "virtual: prepare", "eval:", "done in"):
+        assert any(stage in line for line in console_lines if line.startswith("[demo ")), stage
+    assert f"report: {out / 'report.md'}" in run.stdout and "summary (" in run.stdout
+    log_text = (out / "logs" / "lookahead.log").read_text()
+    assert "(RayTrainWorker pid=" in log_text or "RayTrainWorker" in log_text  # the workers' own output
+    results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["models"]) == ["seed", "vanilla", "real", "virtual"]

@@ -28,6 +28,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block
 from ray.data.datasource import Datasink
 
+from lookahead_ray import console
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.datasource import RecordFileDatasource
 from lookahead_ray.data.readers import END_OF_FILE, expand_inputs
@@ -180,6 +181,8 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     output = Path(cfg.stage_dir("prepare"))
     input_dirs = [spec for spec in cfg.data.inputs if Path(spec).is_dir()]
     check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=expand_inputs(cfg.data) + input_dirs)
+    console.use_output_dir(output.parent)  # beside the shards: the output directory is replaced as a whole
+    console.quiet_libraries()
     ds, files = transformed_dataset(cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(output)

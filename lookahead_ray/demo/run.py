@@ -33,7 +33,9 @@ SYSTEM = "You are a helpful assistant."
 
 
 def stage(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    from lookahead_ray.console import stage as console_stage
+
+    console_stage("demo", message)
 
 
 def _base() -> dict[str, Any]:
@@ -125,6 +127,7 @@ def build_world(out: Path, seed: int, quick: bool) -> tuple[dict[str, str], Path
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
              virtual_prefix: str = "Let's solve this problem. ") -> dict[str, Any]:
     """Run the demo end to end and write the report into ``output_dir``; returns the results dict."""
+    from lookahead_ray import console
     from lookahead_ray.data.pipeline import run_prepare
     from lookahead_ray.eval.runner import run_eval
     from lookahead_ray.runtime import init_ray
@@ -136,6 +139,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
         f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix}) + "\n")
+    console.use_output_dir(out)
     world, tokenizer_dir = build_world(out, seed, quick)
     init_ray()
     timings: dict[str, float] = {}
@@ -174,6 +178,21 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
 
 
 SAFETY_COLUMNS = [("rsr", "keyword"), ("rsr", "strict"), ("jsr", "keyword"), ("jsr", "strict")]
+
+
+def demo_summary(results: dict[str, Any], out: Path) -> list[str]:
+    """The console's closing lines: where the report is, and strict RSR / utility per model."""
+    def percent(metrics: dict[str, Any], *keys: str) -> str:
+        value: Any = metrics
+        for key in keys:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return f"{100 * value:.0f}%" if isinstance(value, float) else "-"
+
+    lines = [f"report: {out / 'report.md'} (numbers: results.json, every sample: eval/samples.jsonl)"]
+    for name, metrics in results["models"].items():
+        lines.append(f"{name:>8}: strict RSR {percent(metrics, 'rsr', 'strict', 'safe_rate')}, strict JSR "
+                     f"{percent(metrics, 'jsr', 'strict', 'safe_rate')}, utility {percent(metrics, 'utility', 'score')}")
+    return lines
 
 
 def _write_report(out: Path, results: dict[str, Any], configs: dict[str, Any]) -> None:

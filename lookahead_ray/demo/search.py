@@ -46,6 +46,7 @@ def search_config(world: dict[str, str], seed_dir: str, out: Path, quick: bool) 
 
 def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Any:
     """World -> cached seed model -> `tune` over m and P on the world's validation split."""
+    from lookahead_ray import console
     from lookahead_ray.runtime import init_ray
     from lookahead_ray.tune.search import run_search
 
@@ -54,6 +55,7 @@ def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrid
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / SEARCH_MARKER) as f:
         f.write(json.dumps({"seed": seed, "quick": quick}) + "\n")
+    console.use_output_dir(out)
     world, tokenizer_dir = demo.build_world(out, seed, quick)
     init_ray()
     seed_dir = demo.cached_seed_model(world, str(tokenizer_dir), quick)

@@ -84,15 +84,25 @@ class ResponseGenerator:
 
 
 def generate_responses(model_dir: str, rows: list[dict[str, Any]], settings: dict[str, Any], batch_size: int,
-                       num_actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0) -> list[dict]:
+                       num_actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                       description: str = "generating") -> list[dict]:
     """Generate for ``rows`` ({id, messages, prefill_source}) on Ray Data; results in input order."""
     import ray.data
     from ray.data import ActorPoolStrategy
+
+    from lookahead_ray import console
+
+    console.quiet_libraries()
 
     ds = ray.data.from_items([{**r, "messages": json.dumps(r["messages"]), "prefill_source": r.get("prefill_source")
                                or ""} for r in rows])
     ds = ds.map_batches(ResponseGenerator, fn_constructor_args=(model_dir, settings), batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
                         num_gpus=gpus_per_actor)
-    by_id = {row["id"]: row for row in ds.take_all()}
+    by_id = {}
+    with console.progress(len(rows), description, "prompt") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            size = len(batch["id"])
+            by_id.update((batch["id"][i], {k: v[i] for k, v in batch.items()}) for i in range(size))
+            bar.update(size)
     return [by_id[r["id"]] for r in rows]

@@ -81,8 +81,7 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     Raises:
         FileNotFoundError / RowError / ValueError: before any generation, for missing models or bad prompt sets.
     """
-    from tqdm.auto import tqdm
-
+    from lookahead_ray import console
     from lookahead_ray.runtime import init_ray
 
     ev = cfg.eval
@@ -102,6 +101,7 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:  # marks the directory as an eval output before anything else is in it
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    console.use_output_dir(out)
     init_ray()
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
@@ -109,8 +109,8 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     rows = _generation_rows(cfg, sets)
     results: dict[str, Any] = {"models": {}, "config": cfg.to_dict(), "versions": _versions()}
     samples: list[dict] = []
-    for name, directory in tqdm(models, desc="eval: models", unit="model"):
-        outputs = _generations(out, name, directory, rows, settings, ev)
+    for position, (name, directory) in enumerate(models, 1):
+        outputs = _generations(out, name, directory, rows, settings, ev, f"eval {position}/{len(models)} {name}")
         model_samples = [{"model": name, "kind": r["kind"], "id": r["item"]["id"], "category": r["item"]["category"],
                           "prompt": r["item"]["prompt"], "reference": r["item"]["answer"] if r["kind"] != "jsr" else None,
                           "prefill": o["prefill"], "response": o["response"], "continuation": o["continuation"],
@@ -126,7 +126,7 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
 
 
 def _generations(out: Path, name: str, directory: str, rows: list[dict], settings: dict[str, Any],
-                 ev: Any) -> list[dict]:
+                 ev: Any, description: str) -> list[dict]:
     """The model's responses, generated once: saved (atomically) as soon as they exist, keyed by the model's
     files, the prompts and the generation settings, so a rerun after a late failure reuses them."""
     from lookahead_ray.eval.generate import generate_responses
@@ -142,7 +142,7 @@ def _generations(out: Path, name: str, directory: str, rows: list[dict], setting
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     logger.info("generating %d responses with %s", len(rows), name)
     outputs = generate_responses(directory, requests, settings, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
-                                 ev.gpus_per_actor)
+                                 ev.gpus_per_actor, description=description)
     keep = ("id", "prefill", "response", "continuation", "new_tokens")
     outputs = [{k: (o[k].item() if hasattr(o[k], "item") else o[k]) for k in keep} for o in outputs]
     with atomic_file(path) as f:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lookahead_ray import console
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError, ExportMismatchError
 from lookahead_ray.fsio import atomic_file, check_output_dir, publish_dir, staging_path
@@ -123,7 +124,13 @@ def loop_config(cfg: LookaheadConfig, steps: int, tokens: str) -> dict[str, Any]
     """Everything a worker needs, as plain data: the typed config serialised, the step count, the token file
     and the log dir."""
     return {"config": cfg.to_dict(), "total_steps": steps, "tokens": tokens,
-            "log_dir": os.path.join(train_dir(cfg), "tensorboard", cfg.train.run_name)}
+            "log_dir": os.path.join(train_dir(cfg), "tensorboard", cfg.train.run_name),
+            "progress_file": progress_file(cfg)}
+
+
+def progress_file(cfg: LookaheadConfig) -> str:
+    """Rank 0 appends one JSON line per optimizer step (step, loss, tokens/s); the driver's progress bar reads it."""
+    return os.path.join(train_dir(cfg), "logs", f"progress_{cfg.train.run_name}.jsonl")
 
 
 def token_file(cfg: LookaheadConfig) -> str:
@@ -186,6 +193,7 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     finished = check_run(cfg, output_dir, run_dir=os.path.join(storage, train.run_name))
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
+    console.use_output_dir(output_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
     need = {"CPU": train.num_workers * train.cpus_per_worker} | ({"GPU": float(train.num_workers)}
                                                                 if train.use_gpu else {})
@@ -199,7 +207,11 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage, callbacks=callbacks)
     logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
                 train.precision)
-    result = trainer.fit()
+    progress = progress_file(cfg)
+    Path(progress).parent.mkdir(parents=True, exist_ok=True)
+    Path(progress).write_text("")  # a resumed run's workers write their steps again from where they resume
+    with console.training_progress(progress, steps, f"train {train.run_name}"):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})

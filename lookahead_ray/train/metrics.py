@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
@@ -70,12 +72,17 @@ class StepMeter:
 
 
 class MetricWriters:
-    """TensorBoard (always) and MLflow (when ``train.mlflow_tracking_uri`` is set), on rank 0, every step."""
+    """TensorBoard (always), MLflow (when ``train.mlflow_tracking_uri`` is set) and the console's progress file
+    (when given), on rank 0, every step."""
 
-    def __init__(self, log_dir: str, train: TrainConfig):
+    def __init__(self, log_dir: str, train: TrainConfig, progress_file: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(log_dir)
+        self.progress = None
+        if progress_file:
+            os.makedirs(os.path.dirname(progress_file), exist_ok=True)
+            self.progress = open(progress_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.mlflow = None
         if train.mlflow_tracking_uri:
             import mlflow
@@ -89,8 +96,13 @@ class MetricWriters:
             self.tensorboard.add_scalar(f"train/{key}", metrics[key], metrics["step"])
         if self.mlflow is not None:
             self.mlflow.log_metrics({key: metrics[key] for key in WRITTEN_METRICS}, step=metrics["step"])
+        if self.progress is not None:
+            self.progress.write(json.dumps({key: metrics[key] for key in ("step", "loss", "tokens_per_second")}) + "\n")
+            self.progress.flush()
 
     def close(self) -> None:
         self.tensorboard.close()
+        if self.progress is not None:
+            self.progress.close()
         if self.mlflow is not None:
             self.mlflow.end_run()

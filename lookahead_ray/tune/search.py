@@ -45,6 +45,7 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     """
     from ray import tune
 
+    from lookahead_ray import console
     from lookahead_ray.fsio import atomic_file, check_output_dir
     from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, init_ray
     from lookahead_ray.tune.results import write_results
@@ -68,6 +69,7 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
 
     with atomic_file(search_dir / MARKER) as f:
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    console.use_output_dir(search_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(cfg.train.worker_start_timeout_s)})
     base = _seeded_base(cfg, search_dir)
     seed_metrics = _seed_metrics(base, search_dir)
@@ -155,6 +157,9 @@ def progress_line() -> Any:
         best: float | None = None
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            from lookahead_ray.console import stage
+
+            ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
             result = trial.last_result or {}
             value = result.get("objective")
             if value is not None and (self.best is None or value > self.best):
@@ -163,14 +168,17 @@ def progress_line() -> Any:
             best = f"{self.best:.4f}" if self.best is not None else "-"
             if value is None:  # ended by the scheduler before its evaluation
                 reports = result.get("training_iteration", 0)
-                print(f"[tune] trial {trial.trial_id} ({label}): stopped early after {reports} training reports, "
-                      f"best so far {best}", flush=True)
+                stage("tune", f"trial {trial.trial_id} ({label}): stopped early after {reports} training reports, "
+                              f"best so far {best} [{ended}/{len(trials)} ended]")
                 return
-            print(f"[tune] trial {trial.trial_id} ({label}): objective {value:.4f}, best so far {best}", flush=True)
+            stage("tune", f"trial {trial.trial_id} ({label}): objective {value:.4f}, best so far {best} "
+                          f"[{ended}/{len(trials)} ended]")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            from lookahead_ray.console import stage
+
             label = space.label(trial.config.get("overrides", {}))
-            print(f"[tune] trial {trial.trial_id} ({label}) failed: {trial.error_file}", flush=True)
+            stage("tune", f"trial {trial.trial_id} ({label}) failed: {trial.error_file}")
 
     return _Progress()
 
