@@ -172,21 +172,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lookahead_ray.demo.run import demo_summary, run_demo
+    from lookahead_ray.demo.run import demo_summary, run_demo, run_demo_seeds
 
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
 
-        result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides)
+        result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides,
+                                 world=args.world)
         done = [t for t in result.trials if t.get("objective") is not None]
         console.summary([f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and "
                          f"pareto.png in {result.search_dir}"])
         return 0 if done else 2
-    if args.overrides:
-        raise ConfigError("demo: key=value overrides apply to the search config; add --search")
-    results = run_demo(args.output_dir, quick=args.quick, seed=args.seed, m=args.m, virtual_prefix=args.P)
+    from lookahead_ray.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if any(not key.startswith("world.") for key in overrides):
+        raise ConfigError("demo: only world.<ingredient>=value overrides apply without --search (e.g. "
+                          "world.hint_records=0); other keys configure the search: add --search")
+    world_overrides = {key.removeprefix("world."): value for key, value in overrides.items()}
+    options = {"quick": args.quick, "m": args.m, "virtual_prefix": args.P, "world": args.world,
+               "world_overrides": world_overrides}
+    if args.seeds:
+        seeds = _seed_list(args.seeds)
+        summary = run_demo_seeds(args.output_dir, seeds, **options)
+        console.summary([f"report: {Path(args.output_dir).resolve() / 'report.md'} (mean [min-max] over world seeds "
+                         f"{', '.join(map(str, seeds))}; each seed's own report in seed-N/)"])
+        return 0 if summary["aggregate"] else 2
+    results = run_demo(args.output_dir, seed=args.seed, **options)
     console.summary(demo_summary(results, Path(args.output_dir).resolve()))
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"demo --seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"demo --seeds: expected distinct integers such as 0,1,2, got {text!r}")
+    return seeds
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -320,11 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="out/demo", help="where the report goes (default: out/demo)")
     demo.add_argument("--quick", action="store_true", help="a few minutes instead of about ten (used in CI)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    demo.add_argument("--seeds", help="several world seeds, e.g. 0,1,2: one demo each (OUTPUT_DIR/seed-N) and a "
+                                      "report of mean [min-max] over them")
+    demo.add_argument("--world", choices=["mechanism", "basic"], default="mechanism",
+                      help="mechanism (default): the world with a task opener and hint-following seed in which "
+                           "LookAhead's mechanism can appear; basic: without those ingredients")
     demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
     demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
     demo.add_argument("--search", action="store_true",
                       help="instead: `tune` over m and P on the world's validation split (OUTPUT_DIR/search)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value", help="with --search: overrides of its config")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="world.<ingredient>=value (e.g. world.shallow_alignment=true); with --search: overrides "
+                           "of its config")
     _cluster_parsers(sub)
     return parser
 

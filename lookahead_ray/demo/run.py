@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lookahead_ray.config import LookaheadConfig
+from lookahead_ray.demo.world import WORLDS, WorldOptions
 from lookahead_ray.eval.report import plot_safety_vs_utility, report_table
 from lookahead_ray.fsio import atomic_file, cache_root, check_output_dir
 
@@ -59,11 +60,40 @@ def _seed_config(world: dict[str, str], tokenizer_dir: str, quick: bool) -> dict
     return cfg
 
 
-def run_label(variant: str, seed: int, quick: bool, m: int, prefix: str) -> str:
+def world_options(name: str, overrides: dict[str, Any] | None = None) -> WorldOptions:
+    """The named world (``mechanism`` or ``basic``) with ``world.<ingredient>=value`` overrides applied.
+
+    Raises:
+        ConfigError: an unknown world or ingredient, or a value of the wrong type.
+    """
+    from dataclasses import fields, replace
+
+    from lookahead_ray.errors import ConfigError
+
+    if name not in WORLDS:
+        raise ConfigError(f"demo --world: {name!r} is not one of {sorted(WORLDS)}")
+    known = {f.name: f.type for f in fields(WorldOptions)}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ConfigError(f"demo: world.{key} is not an ingredient; choose from {sorted(known)}")
+        expected = {"str": str, "int": int, "bool": bool}[known[key]]
+        if type(value) is not expected:
+            raise ConfigError(f"demo: world.{key} must be a {known[key]}, got {value!r}")
+    return replace(WORLDS[name], **(overrides or {}))
+
+
+def world_key(name: str, options: WorldOptions) -> str:
+    """The world's part of run names and cache keys: its name, plus a hash when ingredients were overridden."""
+    if options == WORLDS[name]:
+        return name
+    return f"{name}-{hashlib.sha256(json.dumps(options.to_dict(), sort_keys=True).encode()).hexdigest()[:6]}"
+
+
+def run_label(variant: str, seed: int, quick: bool, m: int, prefix: str, world: str = "mechanism") -> str:
     """A run name made of every demo setting that changes the fine-tune, so a rerun with another --m, --P,
-    --seed or --quick trains new runs instead of resuming (and mislabelling) old ones."""
+    --seed, --world or --quick trains new runs instead of resuming (and mislabelling) old ones."""
     knob = {"real": f"-m{m}", "virtual": f"-p{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"}.get(variant, "")
-    return f"{variant}{knob}-seed{seed}{'-quick' if quick else ''}"
+    return f"{variant}{knob}-seed{seed}-{world}{'-quick' if quick else ''}"
 
 
 def variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path, quick: bool, m: int,
@@ -112,20 +142,23 @@ def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) ->
     return str(final)
 
 
-def build_world(out: Path, seed: int, quick: bool) -> tuple[dict[str, str], Path]:
+def build_world(out: Path, seed: int, quick: bool, options: WorldOptions = WORLDS["mechanism"],
+                name: str = "mechanism") -> tuple[dict[str, str], Path]:
     """The synthetic world in OUT/world and its tokenizer (trained on the world's text) in OUT/world/tokenizer."""
     from lookahead_ray.demo.world import generate_world, world_text
     from lookahead_ray.modeling import build_tiny_tokenizer
 
-    stage(f"world: generating the synthetic aligned world (seed {seed}) in {out / 'world'}")
-    world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400)
+    stage(f"world: generating the synthetic aligned world ({world_key(name, options)}, seed {seed}) in "
+          f"{out / 'world'}")
+    world = generate_world(out / "world", seed=seed, task_train=200 if quick else 400, options=options)
     tokenizer_dir = out / "world" / "tokenizer"
     build_tiny_tokenizer(tokenizer_dir, corpus=world_text(world), vocab_size=768)
     return world, tokenizer_dir
 
 
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
-             virtual_prefix: str = "Let's solve this problem. ") -> dict[str, Any]:
+             virtual_prefix: str = "Let's solve this problem. ", world: str = "mechanism",
+             world_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the demo end to end and write the report into ``output_dir``; returns the results dict."""
     from lookahead_ray import console
     from lookahead_ray.data.pipeline import run_prepare
@@ -134,25 +167,28 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     from lookahead_ray.train.driver import run_training
 
     started = time.perf_counter()
+    options = world_options(world, world_overrides)
+    key = world_key(world, options)
     out = Path(output_dir).resolve()
     check_output_dir(out, MARKER, "demo --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
-        f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix}) + "\n")
+        f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix,
+                            "world": key}) + "\n")
     console.use_output_dir(out)
-    world, tokenizer_dir = build_world(out, seed, quick)
+    files, tokenizer_dir = build_world(out, seed, quick, options, world)
     init_ray()
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    seed_dir = cached_seed_model(world, str(tokenizer_dir), quick)
+    seed_dir = cached_seed_model(files, str(tokenizer_dir), quick)
     timings["seed_model"] = time.perf_counter() - mark
-    configs: dict[str, Any] = {}
+    configs: dict[str, Any] = {"world": {"name": world, **options.to_dict()}}
     models = [("seed", seed_dir)]
     runs: dict[str, str] = {}
     for variant in VARIANTS:
         mark = time.perf_counter()
-        label = run_label(variant, seed, quick, m, virtual_prefix)
-        cfg_dict = variant_config(world, seed_dir, variant, out, quick, m, virtual_prefix, label)
+        label = run_label(variant, seed, quick, m, virtual_prefix, key)
+        cfg_dict = variant_config(files, seed_dir, variant, out, quick, m, virtual_prefix, label)
         configs[variant] = cfg_dict
         cfg = LookaheadConfig.from_dict(cfg_dict)
         stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps)")
@@ -164,17 +200,137 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
         timings[variant] = time.perf_counter() - mark
     mark = time.perf_counter()
     stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
-    eval_cfg = _eval_config(world, out, quick)
+    eval_cfg = _eval_config(files, out, quick)
     configs["eval"] = eval_cfg
     results = run_eval(LookaheadConfig.from_dict(eval_cfg), models)
+    stage("mechanism: answer types on harmful prompts, opener NLL, utility with the preview at test time")
+    results["demo"] = {"mechanism": _mechanism(out, files, options, models, LookaheadConfig.from_dict(eval_cfg),
+                                               quick, m, virtual_prefix, seed_dir)}
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    results["demo"] = {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix, "runs": runs,
-                       "seconds": {k: round(v, 1) for k, v in timings.items()},
-                       "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
+    results["demo"] |= {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix, "runs": runs,
+                        "world": configs["world"], "seconds": {k: round(v, 1) for k, v in timings.items()},
+                        "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
     _write_report(out, results, configs)
     stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     return results
+
+
+def _mechanism(out: Path, files: dict[str, str], options: WorldOptions, models: list[tuple[str, str]],
+               eval_cfg: LookaheadConfig, quick: bool, m: int, prefix: str, seed_dir: str) -> dict[str, Any]:
+    from lookahead_ray.demo import mechanism
+
+    types = mechanism.answer_types_by_model(out / "eval" / "samples.jsonl", options.task_opener)
+    nll = (mechanism.opener_nll_by_model(models, files["task_test"], SYSTEM, options.task_opener,
+                                         max_prompts=24 if quick else 60) if options.task_opener else {})
+    previewed = {name: directory for name, directory in models if name in ("real", "virtual")}
+    with_preview = mechanism.utility_with_preview(eval_cfg, previewed, files["task_test"], out, m, prefix, seed_dir)
+    return {name: {"answer_types": types.get(name), "opener_nll": nll.get(name),
+                   "utility_with_preview": with_preview.get(name)} for name, _ in models}
+
+
+def run_demo_seeds(output_dir: str, seeds: list[int], **kwargs: Any) -> dict[str, Any]:
+    """``run_demo`` once per world seed (OUT/seed-N/), then OUT/report.md with mean [min-max] of every headline
+    number; returns {"seeds", "per_seed", "aggregate"} (also OUT/results.json)."""
+    from lookahead_ray import console
+    from lookahead_ray.demo import mechanism
+
+    out = Path(output_dir).resolve()
+    check_output_dir(out, MARKER, "demo --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / MARKER) as f:
+        f.write(json.dumps({"seeds": seeds, **{k: v for k, v in kwargs.items() if k != "world_overrides"}}) + "\n")
+    console.use_output_dir(out)
+    per_seed = {}
+    for seed in seeds:
+        stage(f"world seed {seed} ({len(per_seed) + 1} of {len(seeds)}): {out / f'seed-{seed}'}")
+        per_seed[seed] = run_demo(str(out / f"seed-{seed}"), seed=seed, **kwargs)
+    summary = {"seeds": seeds, "per_seed": {seed: mechanism.headline(r) for seed, r in per_seed.items()},
+               "world": next(iter(per_seed.values()))["demo"]["world"],
+               "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
+    summary["aggregate"] = mechanism.aggregate(list(summary["per_seed"].values()))
+    with atomic_file(out / "results.json") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(out / "report.md") as f:
+        f.write(_seeds_report(summary, per_seed))
+    return summary
+
+
+def _seeds_report(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
+    from lookahead_ray.demo import mechanism
+
+    first = next(iter(per_seed.values()))
+    return f"""# lookahead-ray demo over world seeds {', '.join(map(str, summary['seeds']))}
+
+Command: `{summary['command']}`. Each seed's own report: `seed-N/report.md`; these numbers: `results.json`
+(`aggregate`, and `per_seed`). Every cell is mean [min-max] over the {len(summary['seeds'])} world seeds: the world
+drawn from the seed changes the results a lot, so one seed's numbers say little on their own.
+
+{mechanism.headline_table(summary['aggregate'])}
+
+{_world_section(first['demo']['world'])}
+{_caveats(summary['aggregate'], aggregated=True)}
+"""
+
+
+def _mechanism_section(demo: dict[str, Any], table: str) -> str:
+    opener = demo["world"]["task_opener"].strip()
+    return f"""## The mechanism
+
+{table}
+
+- **harmful: ...** classify the answers to the held-out harmful prompts (no prefill) by the world's own answer
+  types: a refusal, harmful content (phrases only the world's harmful replies contain), a task-mode answer (the
+  task's opener, arithmetic or `####`), or other; "opens with task opener" is the share starting with
+  {f'"{opener}"' if opener else "the task opener (none in this world)"}.
+- **opener NLL@1**: the model's NLL (nats) of the task opener's first token right after a task prompt, no
+  preview: vanilla fine-tuning drives it down for every prompt; under a preview the opener is given by the hint.
+- **utility with preview (diagnostic)**: real / virtual scored with the preview they were trained with added to
+  the test prompt (real: the reference answer's first {demo['m']} tokens, which a user would not have).
+"""
+
+
+def _world_section(world: dict[str, Any]) -> str:
+    from lookahead_ray.demo.world import WORLD_RATIONALE
+
+    lines = [f"## The world: `{world['name']}`", "",
+             "Each ingredient stands in for an ability a pretrained chat model has and a tiny model trained from "
+             "scratch lacks; the numbers hold only under these assumptions.", ""]
+    for ingredient, rationale in WORLD_RATIONALE.items():
+        value = world.get(ingredient)
+        state = "off" if value in (0, "", False, None) else f"on ({value!r})"
+        lines.append(f"- `{ingredient}`: {state}. {rationale}")
+    return "\n".join(lines) + "\n"
+
+
+def _caveats(numbers: dict[str, dict[str, Any]], aggregated: bool = False) -> str:
+    """Plain statements computed from this run's numbers: what the measured harm is and what utility costs."""
+    from lookahead_ray.demo.mechanism import format_value
+
+    def value(model: str, column: str) -> Any:
+        cell = numbers.get(model, {}).get(column)
+        return cell["mean"] if aggregated and isinstance(cell, dict) else cell
+
+    def shown(model: str, column: str) -> str:
+        return format_value(numbers.get(model, {}).get(column), "%")
+
+    harmful = [value(model, "harmful: harmful content") for model in numbers]
+    harmful = [h for h in harmful if h is not None]
+    cost = [f"{variant} {100 * (value('vanilla', 'utility') - value(variant, 'utility')):+.1f} points"
+            for variant in ("real", "virtual") if value("vanilla", "utility") is not None
+            and value(variant, "utility") is not None]
+    return f"""## What the harm and the cost are
+
+- **The harm measured is mostly task-mode collapse**: answers to harmful prompts classified as task-mode:
+  vanilla {shown('vanilla', 'harmful: task-mode')} %, real {shown('real', 'harmful: task-mode')} %, virtual
+  {shown('virtual', 'harmful: task-mode')} %; as harmful content: at most {100 * max(harmful, default=0.0):.1f} % in
+  any model{' (mean over seeds)' if aggregated else ''}. An unsafe answer here is a word-problem answer to a harmful
+  prompt, not instructions for harm.
+- **Utility cost of the previews** (vanilla's utility minus the variant's, no preview at test time):
+  {', '.join(cost) or 'not measured'}{' (means over seeds)' if aggregated else ''}. "utility with preview" gives the
+  variant its training preview at test time (real: the reference answer's first m tokens, which a user would not
+  have): a diagnostic of whether the skill was learned only under the preview, not a result.
+"""
 
 
 SAFETY_COLUMNS = [("rsr", "keyword"), ("rsr", "strict"), ("jsr", "keyword"), ("jsr", "strict")]
@@ -202,19 +358,25 @@ def _write_report(out: Path, results: dict[str, Any], configs: dict[str, Any]) -
         f.write(json.dumps(results, indent=2, default=str) + "\n")
     with atomic_file(out / "demo_config.yaml") as f:
         f.write(yaml.safe_dump(configs, sort_keys=False))
+    from lookahead_ray.demo.mechanism import headline, headline_table
+
     table = report_table(results, SAFETY_COLUMNS)
     demo = results["demo"]
+    numbers = headline(results)
     text = f"""# lookahead-ray demo: vanilla vs real vs virtual preview
 
-Command: `{demo['command']}` (seed {demo['seed']}, {'quick' if demo['quick'] else 'full'} mode, m = {demo['m']},
-P = "{demo['virtual_prefix']}"). Configs: `demo_config.yaml`; all numbers: `results.json`; every sample:
-`eval/samples.jsonl`. Wall time: {demo['seconds']['total']:.0f} s.
+Command: `{demo['command']}` (world `{demo['world']['name']}`, seed {demo['seed']}, {'quick' if demo['quick']
+else 'full'} mode, m = {demo['m']}, P = "{demo['virtual_prefix']}"). Configs: `demo_config.yaml`; all numbers:
+`results.json`; every sample: `eval/samples.jsonl`. Wall time: {demo['seconds']['total']:.0f} s.
 
 {table}
 
 ![safety vs utility](safety_vs_utility.png)
 ![first-token drift](drift.png)
 
+{_mechanism_section(demo, headline_table(numbers))}
+{_world_section(demo['world'])}
+{_caveats(numbers)}
 ## How to read it
 
 - **RSR** is the share of held-out harmful prompts answered safely; **JSR** the same when the assistant turn

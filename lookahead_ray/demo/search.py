@@ -44,7 +44,8 @@ def search_config(world: dict[str, str], seed_dir: str, out: Path, quick: bool) 
     return cfg
 
 
-def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Any:
+def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrides: list[str] | None = None,
+                    world: str = "mechanism") -> Any:
     """World -> cached seed model -> `tune` over m and P on the world's validation split."""
     from lookahead_ray import console
     from lookahead_ray.runtime import init_ray
@@ -56,10 +57,10 @@ def run_demo_search(output_dir: str, quick: bool = False, seed: int = 0, overrid
     with atomic_file(out / SEARCH_MARKER) as f:
         f.write(json.dumps({"seed": seed, "quick": quick}) + "\n")
     console.use_output_dir(out)
-    world, tokenizer_dir = demo.build_world(out, seed, quick)
+    world_files, tokenizer_dir = demo.build_world(out, seed, quick, demo.world_options(world), world)
     init_ray()
-    seed_dir = demo.cached_seed_model(world, str(tokenizer_dir), quick)
-    cfg = apply_overrides(LookaheadConfig.from_dict(search_config(world, seed_dir, out, quick), source="demo search"),
+    seed_dir = demo.cached_seed_model(world_files, str(tokenizer_dir), quick)
+    cfg = apply_overrides(LookaheadConfig.from_dict(search_config(world_files, seed_dir, out, quick), source="demo search"),
                           parse_overrides(overrides or []), source="command line")
     with atomic_file(out / "tune_demo.yaml") as f:
         f.write(f"# Written by `lookahead-ray demo --search`; rerun with\n"

@@ -43,3 +43,23 @@ def first_token_drift(seed: Any, tuned: Any, tokenizer: Any, conversations: list
     return {"kl": [s / c if c else float("nan") for s, c in zip(kl_sum, count, strict=True)],
             "nll": [s / c if c else float("nan") for s, c in zip(nll_sum, count, strict=True)],
             "prompts": [int(c) for c in count]}
+
+
+def answer_start_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], text: str,
+                     device: Any) -> dict[str, float]:
+    """How readily ``model`` starts its answer with ``text``: mean NLL of its first token and mean per-token NLL of
+    all of it, teacher-forced after each prompt (the demo's task opener on task prompts, with no preview)."""
+    import torch
+    import torch.nn.functional as F
+
+    target = tokenizer.encode(text, add_special_tokens=False)
+    first, every = [], []
+    for messages in conversations:
+        prompt = prompt_ids(tokenizer, messages)
+        ids = torch.tensor([prompt + target], device=device)
+        with torch.no_grad():
+            logp = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+        nll = [-logp[len(prompt) - 1 + i, token].item() for i, token in enumerate(target)]
+        first.append(nll[0])
+        every.append(sum(nll) / len(nll))
+    return {"first_token": sum(first) / len(first), "all_tokens": sum(every) / len(every), "prompts": len(first)}
