@@ -75,7 +75,6 @@ def configure(verbose: bool) -> None:
         console.addFilter(logging.Filter("lookahead_ray"))
         console.addFilter(_OncePerMessage())
         logging.captureWarnings(True)  # Python warnings go to the "py.warnings" logger: the log file
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     root.addHandler(console)
     state.console_handler = console
