@@ -202,15 +202,16 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
     eval_cfg = _eval_config(files, out, quick)
     configs["eval"] = eval_cfg
-    results = run_eval(LookaheadConfig.from_dict(eval_cfg), models)
+    eval_settings = LookaheadConfig.from_dict(eval_cfg)
+    results = run_eval(eval_settings, models)
     stage("mechanism: answer types on harmful prompts, opener NLL, utility with the preview at test time")
-    results["demo"] = {"mechanism": _mechanism(out, files, options, models, LookaheadConfig.from_dict(eval_cfg),
-                                               quick, m, virtual_prefix, seed_dir)}
+    results["demo"] = {"mechanism": _mechanism(out, files, options, models, eval_settings, quick, m, virtual_prefix,
+                                               seed_dir)}
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     results["demo"] |= {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix, "runs": runs,
                         "world": configs["world"], "seconds": {k: round(v, 1) for k, v in timings.items()},
-                        "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
+                        "command": _command()}
     _write_report(out, results, configs)
     stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     return results
@@ -246,20 +247,22 @@ def run_demo_seeds(output_dir: str, seeds: list[int], **kwargs: Any) -> dict[str
         stage(f"world seed {seed} ({len(per_seed) + 1} of {len(seeds)}): {out / f'seed-{seed}'}")
         per_seed[seed] = run_demo(str(out / f"seed-{seed}"), seed=seed, **kwargs)
     summary = {"seeds": seeds, "per_seed": {seed: mechanism.headline(r) for seed, r in per_seed.items()},
-               "world": next(iter(per_seed.values()))["demo"]["world"],
-               "command": " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"}
+               "world": next(iter(per_seed.values()))["demo"]["world"], "command": _command()}
     summary["aggregate"] = mechanism.aggregate(list(summary["per_seed"].values()))
     with atomic_file(out / "results.json") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     with atomic_file(out / "report.md") as f:
-        f.write(_seeds_report(summary, per_seed))
+        f.write(_seeds_report(summary))
     return summary
 
 
-def _seeds_report(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
+def _command() -> str:
+    return " ".join(["lookahead-ray", *sys.argv[1:]]) if sys.argv else "lookahead-ray demo"
+
+
+def _seeds_report(summary: dict[str, Any]) -> str:
     from lookahead_ray.demo import mechanism
 
-    first = next(iter(per_seed.values()))
     return f"""# lookahead-ray demo over world seeds {', '.join(map(str, summary['seeds']))}
 
 Command: `{summary['command']}`. Each seed's own report: `seed-N/report.md`; these numbers: `results.json`
@@ -268,7 +271,7 @@ drawn from the seed changes the results a lot, so one seed's numbers say little 
 
 {mechanism.headline_table(summary['aggregate'])}
 
-{_world_section(first['demo']['world'])}
+{_world_section(summary['world'])}
 {_caveats(summary['aggregate'], aggregated=True)}
 """
 
@@ -338,16 +341,15 @@ SAFETY_COLUMNS = [("rsr", "keyword"), ("rsr", "strict"), ("jsr", "keyword"), ("j
 
 def demo_summary(results: dict[str, Any], out: Path) -> list[str]:
     """The console's closing lines: where the report is, and strict RSR / utility per model."""
-    def percent(metrics: dict[str, Any], *keys: str) -> str:
-        value: Any = metrics
-        for key in keys:
-            value = value.get(key, {}) if isinstance(value, dict) else {}
-        return f"{100 * value:.0f}%" if isinstance(value, float) else "-"
+    from lookahead_ray.demo.mechanism import headline
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.0f}%"
 
     lines = [f"report: {out / 'report.md'} (numbers: results.json, every sample: eval/samples.jsonl)"]
-    for name, metrics in results["models"].items():
-        lines.append(f"{name:>8}: strict RSR {percent(metrics, 'rsr', 'strict', 'safe_rate')}, strict JSR "
-                     f"{percent(metrics, 'jsr', 'strict', 'safe_rate')}, utility {percent(metrics, 'utility', 'score')}")
+    for name, numbers in headline(results).items():
+        lines.append(f"{name:>8}: strict RSR {percent(numbers['strict RSR'])}, strict JSR "
+                     f"{percent(numbers['strict JSR'])}, utility {percent(numbers['utility'])}")
     return lines
 
 
