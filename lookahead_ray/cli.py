@@ -86,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray()
     report = run_prepare(cfg)
-    console.summary([report.summary(), f"report: {Path(report.output_dir) / 'prepare_report.json'}"])
+    console.summary([report.summary(), f"report: {report.output_dir}/prepare_report.json"])
     return 0
 
 
@@ -122,24 +122,24 @@ def _dry_run(cfg: LookaheadConfig, strict: bool) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import os
-
     import yaml
 
+    from lookahead_ray import storage
     from lookahead_ray.train.driver import FINAL_DIR
     from lookahead_ray.train.export import CONFIG_FILE, export_checkpoint
 
     output_dir = args.output_dir
+    config_file = storage.join(storage.absolute(args.checkpoint), CONFIG_FILE)
+    if not storage.is_file(config_file):
+        raise FileNotFoundError(f"{args.checkpoint} is not a lookahead-ray checkpoint (no {CONFIG_FILE})")
     if output_dir is None:
-        config_file = os.path.join(args.checkpoint, CONFIG_FILE)
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{args.checkpoint} is not a lookahead-ray checkpoint (no {CONFIG_FILE})")
-        with open(config_file, encoding="utf-8") as f:
-            output_dir = LookaheadConfig.from_dict(yaml.safe_load(f), config_file).stage_dir("train")
+        output_dir = LookaheadConfig.from_dict(yaml.safe_load(storage.read_text(config_file)), config_file).stage_dir(
+            "train")
         if output_dir is None:
             raise ConfigError("export: the checkpoint's config names no train directory; use --output-dir")
-    final = os.path.join(output_dir, FINAL_DIR)
-    check = export_checkpoint(args.checkpoint, final)
+    final = storage.join(storage.absolute(output_dir), FINAL_DIR)
+    # A checkpoint in an object store is read from this node's cached copy.
+    check = export_checkpoint(storage.local_copy(args.checkpoint, "checkpoints"), final)
     detail = (f" (logit check passed: relative difference {check['export_relative_logit_diff']:.3g}, argmax "
               f"agreement {check['export_argmax_agreement']:.3f})" if check else " (no probe logits to check)")
     print(f"export: {final}{detail}")

@@ -13,7 +13,7 @@ because :func:`use_output_dir` and the Ray hooks do nothing until the CLI asked 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
 import os
 import sys
@@ -36,6 +36,8 @@ class _Console:
     verbose = False
     started = time.perf_counter()
     log_path: Path | None = None
+    log_remote: str | None = None
+    """The run's log location when the output directory is a URI: the local log is uploaded there at close."""
     file_handler: logging.Handler | None = None
     console_handler: logging.Handler | None = None
     ray_printer: Any = None
@@ -87,6 +89,14 @@ def close() -> None:
             logging.getLogger(name).removeHandler(handler)
     if state.file_handler is not None:
         state.file_handler.close()
+    if state.log_remote is not None and state.log_path is not None:
+        from lookahead_ray import storage
+
+        try:
+            storage.upload_file(str(state.log_path), state.log_remote)
+        except Exception as exc:  # noqa: BLE001 - the local copy stays and is named
+            print(f"lookahead-ray: could not upload the log to {state.log_remote} ({exc}); it is in "
+                  f"{state.log_path}", file=sys.stderr)
     if state.ray_printer is not None:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -94,19 +104,31 @@ def close() -> None:
         dispatcher.add_handler("ray_print_logs", state.ray_printer)
     state.active, state.log_path, state.file_handler, state.console_handler, state.ray_printer = (
         False, None, None, None, None)
+    state.log_remote = None
 
 
 def use_output_dir(directory: str | os.PathLike) -> Path | None:
-    """Send the run's log to ``directory/logs/lookahead.log`` (appended: reruns keep earlier runs' lines).
+    """Send the run's log to ``directory/logs/lookahead.log`` (appended: reruns keep earlier runs' lines). For a
+    URI the log is written to a local copy in the node cache and uploaded when the command ends.
 
     Only under the CLI, and only the first call of a command counts: a stage run by another (the demo's
-    ``prepare`` and ``train``) logs into the outer command's file. Returns the log file's path, or None."""
+    ``prepare`` and ``train``) logs into the outer command's file. Returns the (local) log file's path, or None."""
     if not state.active:
         return None
     if state.log_path is not None:
         return state.log_path
-    path = Path(directory).resolve() / LOG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from lookahead_ray import storage
+
+    if storage.is_uri(directory):
+        state.log_remote = storage.join(str(directory), *Path(LOG_FILE).parts)
+        key = hashlib.sha256(state.log_remote.encode()).hexdigest()[:16]
+        path = storage.cache_root() / "logs" / key / "lookahead.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(Exception):  # appended to the run's earlier log, as for a local directory
+            path.write_bytes(storage.read_bytes(state.log_remote))
+    else:
+        path = Path(directory).resolve() / LOG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG)
@@ -200,51 +222,84 @@ def progress(total: int | None, description: str, unit: str, **kwargs: Any) -> A
     return tqdm(total=total, desc=description, unit=unit, **options)
 
 
+PROGRESS_NAMESPACE = "lookahead_ray"
+
+
+class _ProgressBoard:
+    """A Ray actor (no CPU) that rank 0 sends each optimizer step to, wherever it runs, and the driver polls."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def put(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[dict[str, Any]]:
+        records, self.records = self.records, []
+        return records
+
+
 @contextlib.contextmanager
-def training_progress(progress_file: str, total_steps: int, description: str) -> Iterator[None]:
-    """A bar of optimizer steps (loss, tokens/s) fed by the rank-0 progress file the training loop appends to."""
+def training_progress(total_steps: int, description: str) -> Iterator[str | None]:
+    """A bar of optimizer steps (loss, tokens/s); yields the name of the progress board the training loop
+    reports to (None outside the CLI: no bar, no actor)."""
+    if not state.active:
+        yield None
+        return
+    import uuid
+
+    import ray
+
+    name = f"lookahead-progress-{uuid.uuid4().hex[:12]}"
+    board = ray.remote(num_cpus=0)(_ProgressBoard).options(name=name, namespace=PROGRESS_NAMESPACE).remote()
     bar = progress(total_steps, description, "step")
     done = threading.Event()
 
     def follow() -> None:
-        offset = 0
         while not done.wait(0.5):
-            offset = _advance(bar, progress_file, offset)
-        _advance(bar, progress_file, offset)
+            with contextlib.suppress(Exception):  # the bar is a convenience: never fail a run over it
+                advance(bar, ray.get(board.take.remote(), timeout=10))
+        with contextlib.suppress(Exception):
+            advance(bar, ray.get(board.take.remote(), timeout=10))
 
     thread = threading.Thread(target=follow, name="lookahead-train-progress", daemon=True)
     thread.start()
     try:
-        yield
+        yield name
     finally:
         done.set()
-        thread.join(timeout=5)
+        thread.join(timeout=15)
         bar.close()
+        with contextlib.suppress(Exception):
+            ray.kill(board)
 
 
-def _advance(bar: Any, progress_file: str, offset: int) -> int:
+def progress_board(name: str) -> Any:
+    """Rank 0's side of :func:`training_progress`: the board's actor handle (``put.remote(record)``), or None."""
+    import ray
+
     try:
-        with open(progress_file, encoding="utf-8") as f:
-            f.seek(offset)
-            chunk = f.read()
-    except FileNotFoundError:
-        return offset
-    complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written is read next time
-    for line in complete.splitlines():
-        with contextlib.suppress(ValueError, KeyError):
-            record = json.loads(line)
+        return ray.get_actor(name, namespace=PROGRESS_NAMESPACE)
+    except ValueError:  # the driver is gone or has no bar: training goes on without it
+        return None
+
+
+def advance(bar: Any, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             bar.n = int(record["step"])
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
-    if complete:
+    if records:
         bar.refresh()
-    return offset + len(complete.encode("utf-8"))
 
 
 def summary(lines: list[str]) -> None:
     """The closing block: what was written where and the headline numbers, wall time and where the logs are."""
     elapsed = time.perf_counter() - state.started
     block = ["", f"summary ({elapsed:.0f} s):", *(f"  {line}" for line in lines)]
-    if state.log_path is not None:
+    if state.log_remote is not None:
+        block.append(f"  log: {state.log_remote} (uploaded at exit; local copy {state.log_path})")
+    elif state.log_path is not None:
         block.append(f"  log: {state.log_path}")
     ray_logs = ray_logs_dir()
     if ray_logs and not state.verbose:

@@ -15,10 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import ModelConfig
 from lookahead_ray.config.schema import BUILTIN_TINY_TOKENIZER
 from lookahead_ray.errors import ConfigError, ModelLoadError
-from lookahead_ray.fsio import cache_root, publish_dir, staging_path
+from lookahead_ray.storage import cache_root, publish_dir, staging_path
 
 BUILTIN_TINY = BUILTIN_TINY_TOKENIZER
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -77,7 +78,16 @@ def tiny_tokenizer_dir(corpus: str = _TINY_CORPUS, vocab_size: int = 512) -> Pat
 
 
 def resolve_tokenizer_path(name_or_path: str) -> str:
-    return str(tiny_tokenizer_dir()) if name_or_path == BUILTIN_TINY else name_or_path
+    """``builtin:tiny``'s cached directory, a URI's node-local copy, else ``name_or_path`` itself."""
+    if name_or_path == BUILTIN_TINY:
+        return str(tiny_tokenizer_dir())
+    return local_model_dir(name_or_path)
+
+
+def local_model_dir(name_or_path: str) -> str:
+    """A model or tokenizer given as a URI (``s3://.../Llama-2-7b-chat-hf``) is downloaded once per node into the
+    node-local cache and loaded from there; a local directory or a Hub id is returned unchanged."""
+    return storage.local_copy(name_or_path, "models") if storage.is_uri(name_or_path) else name_or_path
 
 
 def converted_tokenizer_dir(source: str, trust_remote_code: bool = False) -> str:
@@ -167,6 +177,10 @@ def check_model_source(cfg: ModelConfig) -> None:
     path = cfg.name_or_path
     if path is None:
         return
+    if storage.is_uri(path):
+        if not storage.is_file(storage.join(path, "config.json")):
+            raise FileNotFoundError(f"model.name_or_path: {path} holds no config.json (not a model directory)")
+        return
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or not _HUB_ID.fullmatch(path)
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model.name_or_path: {path} is not a model directory (nor a Hub id like org/name)")
@@ -183,7 +197,8 @@ def load_pretrained_model(path: str, *, precision: str | None = None, trust_remo
     """``AutoModelForCausalLM.from_pretrained`` in the given precision."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(local_model_dir(path), dtype=torch_dtype(precision),
+                                                trust_remote_code=trust_remote_code)
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) -> Any:
@@ -197,7 +212,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) 
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                              tie_word_embeddings=False, **dataclasses.asdict(cfg.tiny))
         return LlamaForCausalLM(config).to(dtype or torch.float32)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype,
+    return AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), dtype=dtype,
                                                 trust_remote_code=cfg.trust_remote_code)
 
 
@@ -211,6 +226,7 @@ def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None,
     import torch
 
     cfg = cfg or ModelConfig()
+    model_dir = local_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
                                padding_side="left")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -41,7 +42,9 @@ def _init_local(ray: Any, num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner polls to free the workers'
     # placement group when a controller dies (a Tune trial stopped early, a killed driver). Without it that
     # placement group leaks and the next trial waits for its CPUs forever.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    # address="local": a new Ray, as documented, even where `ray start` left its address in /tmp/ray (ray.init()
+    # would join that cluster, or fail on a stale address).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def check_resources(need: dict[str, float], key: str, what: str) -> None:
@@ -64,3 +67,66 @@ def check_resources(need: dict[str, float], key: str, what: str) -> None:
             raise ConfigError(f"{key}: {what} needs {amount:g} {resource} but this Ray has "
                               f"{have.get(resource, 0.0):g}; lower it so the work can be scheduled instead of "
                               "waiting forever")
+
+
+def check_visible_on_every_node(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """On a cluster of several nodes, before any work: every node must see the run's locations as this
+    process does. A probe file is written into each output location and every node (a tiny task pinned to
+    it) must find it; every input must exist there. A local path that only this machine has fails here, in
+    one line, instead of deep inside a Ray Data write task or a training worker.
+
+    Args:
+        outputs / inputs: config key -> location (local path or URI).
+
+    Raises:
+        ConfigError: names the key, the location, the node that cannot see it and what to use instead.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from lookahead_ray import storage
+    from lookahead_ray.errors import ConfigError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    if len(nodes) < 2:
+        return
+    probes = {}
+    for key, location in outputs.items():
+        probe = storage.join(location, f".lookahead-probe-{uuid.uuid4().hex[:12]}")
+        storage.make_dirs(location)
+        storage.write_text(probe, "written by lookahead-ray's storage preflight; safe to delete\n")
+        probes[key] = probe
+    wanted = {**probes, **inputs}
+    try:
+        sees = ray.remote(num_cpus=0)(_visible)
+        answers = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(wanted) for n in nodes], timeout=120)
+    finally:
+        for probe in probes.values():
+            with contextlib.suppress(OSError):
+                fs, path = storage.resolve(probe)
+                fs.delete_file(path)
+    for node, answer in zip(nodes, answers, strict=True):
+        for key, error in answer.items():
+            location = outputs.get(key) or inputs[key]
+            where = "a local path" if not storage.is_uri(location) else "a URI"
+            raise ConfigError(f"{key}: {location} ({where}) is not visible on node {node['NodeManagerAddress']} "
+                              f"(node id {node['NodeID'][:8]}: {error}); every node must reach it: use storage "
+                              "every node mounts (NFS, EFS, a shared volume) or an object-store URI such as "
+                              "s3://BUCKET/run")
+
+
+def _visible(locations: dict[str, str]) -> dict[str, str]:
+    """The locations this node cannot see, with why (runs on each node)."""
+    from lookahead_ray import storage
+
+    missing = {}
+    for key, location in locations.items():
+        try:
+            if not storage.exists(location):
+                missing[key] = "not found there"
+        except Exception as exc:  # noqa: BLE001 - e.g. no credentials on that node: reported, not raised
+            missing[key] = f"{type(exc).__name__}: {exc}"
+    return missing

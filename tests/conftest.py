@@ -7,9 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from services import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# The S3 API server's address is fixed before any Ray starts, so every Ray worker of the session (the shared local
+# Ray's, a test cluster's) inherits the endpoint and the test credentials; the server starts only when a test asks
+# for it (the ``s3`` fixture). Set, not defaulted: a test must never reach a real bucket with a developer's keys.
+os.environ["LOOKAHEAD_TEST_S3_PORT"] = os.environ.get("LOOKAHEAD_TEST_S3_PORT") or str(free_port())
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{os.environ['LOOKAHEAD_TEST_S3_PORT']}",
+                   "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +64,24 @@ def ray_local():
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API server (moto's, started here, stopped by its process group) with one bucket; yields the
+    bucket's URI. Clients find it through AWS_ENDPOINT_URL, as pyarrow and Ray do on a real cluster."""
+    pytest.importorskip("moto", reason="the S3 tests run moto's S3 API server (pip install 'moto[server]')")
+    from services import S3Server
+
+    server = S3Server(int(os.environ["LOOKAHEAD_TEST_S3_PORT"]), tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server.create_bucket("lookahead-test")
+    finally:
+        server.stop()

@@ -1,6 +1,7 @@
 """The files in clusters/, checked offline: KubeRay manifests against the KubeRay v1 CRDs (strictly, so a misspelt
 field fails) and against the operator's own rules, the cluster launcher config against Ray's schema, the Slurm
-script's syntax, and everywhere: the pinned Ray image and versions, configs that exist, shared storage."""
+script's syntax, and everywhere: the pinned Ray image and versions, configs that exist, and storage: the shared-volume
+files mount one volume on every node, the bucket files (`*-s3.yaml`) share nothing but the bucket."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ CLUSTERS = REPO / "clusters"
 KUBERAY_CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 SHARED_MOUNT = "/mnt/cluster_storage"
+BUCKET = "s3://"
+SHARED_VOLUME_KINDS = {"persistentVolumeClaim", "nfs", "csi", "cephfs", "glusterfs", "azureFile"}
+SHARED_FS = re.compile(r"\b(efs|nfs4?)\b|cluster_storage", re.IGNORECASE)
 GPU = "nvidia.com/gpu"
 FAST_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: libyaml reads them 10x faster
 
@@ -35,13 +39,27 @@ SBATCH = CLUSTERS / "slurm" / "lookahead.sbatch"
 ALL_FILES = sorted(p for p in CLUSTERS.rglob("*") if p.is_file())
 
 
-def _manifests() -> list[tuple[str, dict]]:
-    return [(f"{path.name}#{i}", doc) for path in KUBERAY_FILES
+def is_bucket_file(path: Path) -> bool:
+    """The bucket-only files are named `*-s3.yaml`; every other one mounts shared storage."""
+    return path.stem.endswith("-s3")
+
+
+def _manifests(paths: list[Path]) -> list[tuple[str, dict]]:
+    return [(f"{path.name}#{i}", doc) for path in paths
             for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
 
 
-MANIFESTS = _manifests()
-RAYJOBS = [(name, doc) for name, doc in MANIFESTS if doc["kind"] == "RayJob"]
+def _rayjobs(manifests):
+    return [(name, doc) for name, doc in manifests if doc["kind"] == "RayJob"]
+
+
+MANIFESTS = _manifests(KUBERAY_FILES)
+RAYJOBS = _rayjobs(MANIFESTS)
+SHARED_MANIFESTS = _manifests([p for p in KUBERAY_FILES if not is_bucket_file(p)])
+BUCKET_MANIFESTS = _manifests([p for p in KUBERAY_FILES if is_bucket_file(p)])
+SHARED_RAYJOBS, BUCKET_RAYJOBS = _rayjobs(SHARED_MANIFESTS), _rayjobs(BUCKET_MANIFESTS)
+SHARED_RAY_UP = [p for p in RAY_UP_FILES if not is_bucket_file(p)]
+BUCKET_RAY_UP = [p for p in RAY_UP_FILES if is_bucket_file(p)]
 
 
 def _ids(items):
@@ -197,7 +215,9 @@ def test_rayjob_entrypoint_config_and_overrides_load(name, doc):
     load_config(REPO / option(args, "--config"), overrides)
 
 
-@pytest.mark.parametrize("name,doc", MANIFESTS, ids=_ids(MANIFESTS))
+# --- shared-volume manifests ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,doc", SHARED_MANIFESTS, ids=_ids(SHARED_MANIFESTS))
 def test_shared_storage_is_mounted_in_every_pod(name, doc):
     claims = set()
     for group, pod in pod_specs(doc):
@@ -211,13 +231,110 @@ def test_shared_storage_is_mounted_in_every_pod(name, doc):
     assert len(claims) == 1, f"{name}: pods mount different claims {claims}"
 
 
-@pytest.mark.parametrize("name,doc", RAYJOBS, ids=_ids(RAYJOBS))
+@pytest.mark.parametrize("name,doc", SHARED_RAYJOBS, ids=_ids(SHARED_RAYJOBS))
 def test_rayjob_writes_to_shared_storage(name, doc):
     args = shlex.split(doc["spec"]["entrypoint"])
     assert option(args, "--output-dir").startswith(SHARED_MOUNT + "/"), name
     if args[1] == "train":
         storage = [a.split("=", 1)[1] for a in args if a.startswith("train.storage_path=")]
         assert storage and storage[0].startswith(SHARED_MOUNT + "/"), f"{name}: train.storage_path off shared storage"
+
+
+# --- bucket-only manifests -------------------------------------------------------------------------------------
+
+LOCATION_KEYS = ("train.output_dir", "train.storage_path", "tune.output_dir", "model.name_or_path", "model.tokenizer",
+                 "data.inputs")
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_both_storage_options_have_files():
+    assert SHARED_RAYJOBS and BUCKET_RAYJOBS, "a RayJob for each of shared storage and a bucket"
+    assert SHARED_RAY_UP and BUCKET_RAY_UP, "a launcher config for each of shared storage and a bucket"
+
+
+def ray_containers(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(group, container, the pod's volumes by name) for every Ray container: the first of each pod."""
+    return [(group, pod["containers"][0], {v["name"]: v for v in pod.get("volumes", [])})
+            for group, pod in pod_specs(doc)]
+
+
+@pytest.mark.parametrize("name,doc", BUCKET_MANIFESTS, ids=_ids(BUCKET_MANIFESTS))
+def test_bucket_manifest_mounts_no_shared_storage(name, doc):
+    for group, pod in pod_specs(doc):
+        for volume in pod.get("volumes", []):
+            kinds = SHARED_VOLUME_KINDS & volume.keys()
+            assert not kinds, f"{name} {group}: volume {volume['name']} is {kinds.pop()}: a bucket file shares nothing"
+            assert not SHARED_FS.search(json.dumps(volume)), f"{name} {group}: {volume}"
+        for container in pod["containers"] + pod.get("initContainers", []):
+            for mount in container.get("volumeMounts", []):
+                assert not SHARED_FS.search(f"{mount['name']} {mount['mountPath']}"), f"{name} {group}: {mount}"
+
+
+def location_arguments(args: list[str]) -> dict[str, list[str]]:
+    """The locations an entrypoint names: --output-dir (as the command's <command>.output_dir) and the overrides
+    of LOCATION_KEYS, a list override split into its items."""
+    found = {f"{args[1]}.output_dir": [option(args, "--output-dir")]}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in LOCATION_KEYS or (key.startswith("eval.") and key.endswith(".path")):
+            items = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
+            found[key] = [item.strip().strip("'\"") for item in items]
+    return found
+
+
+def test_location_arguments_reads_flags_and_list_overrides():
+    args = shlex.split("lookahead-ray tune --config c.yaml --output-dir s3://b/o model.name_or_path=/m "
+                       "'data.inputs=[s3://b/a.jsonl, s3://b/b.jsonl]' eval.utility.path=v.jsonl train.epochs=1")
+    assert location_arguments(args) == {"tune.output_dir": ["s3://b/o"], "model.name_or_path": ["/m"],
+                                        "data.inputs": ["s3://b/a.jsonl", "s3://b/b.jsonl"],
+                                        "eval.utility.path": ["v.jsonl"]}
+
+
+@pytest.mark.parametrize("name,doc", BUCKET_RAYJOBS, ids=_ids(BUCKET_RAYJOBS))
+def test_bucket_rayjob_reads_and_writes_only_the_bucket(name, doc):
+    args = shlex.split(doc["spec"]["entrypoint"])
+    locations = location_arguments(args)
+    required = {f"{args[1]}.output_dir", "model.name_or_path", "data.inputs"}
+    assert required <= locations.keys(), f"{name}: {sorted(required - locations.keys())} not given"
+    off = {key: values for key, values in locations.items() if not all(v.startswith(BUCKET) for v in values)}
+    assert not off, f"{name}: locations off the bucket {off}"
+    # What the job runs with, the config's own paths included (e.g. a tune config's eval splits).
+    command, output_dir = args[1], locations[f"{args[1]}.output_dir"][0]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")] + [f"{command}.output_dir={output_dir}"]
+    config = load_config(REPO / option(args, "--config"), overrides)
+    effective = [config.model.name_or_path, *config.data.inputs, getattr(config, command).output_dir]
+    effective += [config.train.storage_path] if config.train.storage_path else []
+    if command == "tune":
+        effective += [s.path for s in (config.eval.harmful, config.eval.harmful_answers, config.eval.utility) if s]
+    off = [v for v in effective if not str(v).startswith(BUCKET)]
+    assert not off, f"{name}: the job would read or write {off} off the bucket"
+
+
+@pytest.mark.parametrize("name,doc", BUCKET_MANIFESTS, ids=_ids(BUCKET_MANIFESTS))
+def test_every_ray_container_gets_the_same_aws_credentials_from_a_secret(name, doc):
+    envs = []
+    for group, container, _ in ray_containers(doc):
+        env = {e["name"]: e for e in container.get("env", [])}
+        for key in AWS_KEYS:
+            ref = env.get(key, {}).get("valueFrom", {}).get("secretKeyRef")
+            assert ref and ref.get("name") and ref.get("key"), f"{name} {group}: {key} is not from a Secret"
+            assert not ref.get("optional"), f"{name} {group}: {key}: a missing Secret must stop the pod, not start it"
+        assert env.get("AWS_DEFAULT_REGION", {}).get("value"), f"{name} {group}: no AWS_DEFAULT_REGION"
+        envs.append(container["env"])
+    assert all(env == envs[0] for env in envs), f"{name}: the Ray containers' environments differ"
+
+
+@pytest.mark.parametrize("name,doc", BUCKET_MANIFESTS, ids=_ids(BUCKET_MANIFESTS))
+def test_every_ray_container_caches_on_a_node_local_empty_dir(name, doc):
+    for group, container, volumes in ray_containers(doc):
+        cache = next((e.get("value") for e in container.get("env", []) if e["name"] == "LOOKAHEAD_RAY_CACHE"), None)
+        assert cache, f"{name} {group}: LOOKAHEAD_RAY_CACHE is not set (the default is in the container's home)"
+        mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == cache), None)
+        assert mount, f"{name} {group}: LOOKAHEAD_RAY_CACHE={cache} is not a mount"
+        empty_dir = volumes[mount["name"]].get("emptyDir")
+        assert empty_dir is not None, f"{name} {group}: the cache at {cache} must be an emptyDir (node-local)"
+        assert empty_dir.get("medium") != "Memory", f"{name} {group}: the cache must be on disk, not in memory"
+        assert empty_dir.get("sizeLimit"), f"{name} {group}: the cache needs a sizeLimit (the model is 13.5 GB)"
 
 
 # --- every file in clusters/ -----------------------------------------------------------------------------------
@@ -293,7 +410,51 @@ def test_ray_up_config_matches_rays_schema_and_pins(path):
     installs = [r for command in launcher_commands(config) for r in pip_install_arguments(command)]
     assert any(Requirement(r).name.lower() == "deepspeed" for r in installs), "setup_commands do not pin DeepSpeed"
     check_installs(installs, path.name)
+
+
+@pytest.mark.parametrize("path", SHARED_RAY_UP, ids=[p.name for p in SHARED_RAY_UP])
+def test_ray_up_shared_config_mounts_shared_storage_in_containers(path):
+    docker = yaml.safe_load(path.read_text())["docker"]
     assert any(SHARED_MOUNT in option for option in docker.get("run_options", [])), "no shared storage in containers"
+
+
+def docker_options(config: dict) -> list[str]:
+    """The `docker run` arguments of every container: run_options plus the head's and the workers'."""
+    docker = config["docker"]
+    options = docker.get("run_options", []) + docker.get("head_run_options", []) + docker.get("worker_run_options", [])
+    for node_type in config["available_node_types"].values():
+        options += node_type.get("docker", {}).get("worker_run_options", [])
+    return [arg for option in options for arg in shlex.split(option)]
+
+
+def docker_flags(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag]
+
+
+@pytest.mark.parametrize("path", BUCKET_RAY_UP, ids=[p.name for p in BUCKET_RAY_UP])
+def test_ray_up_bucket_config_gives_every_node_an_instance_profile(path):
+    config = yaml.safe_load(path.read_text())
+    for node_type, spec in config["available_node_types"].items():
+        profile = spec["node_config"].get("IamInstanceProfile")
+        assert isinstance(profile, dict) and (profile.get("Arn") or profile.get("Name")), \
+            f"{node_type}: no IamInstanceProfile (Arn or Name): the node cannot reach the bucket"
+
+
+@pytest.mark.parametrize("path", BUCKET_RAY_UP, ids=[p.name for p in BUCKET_RAY_UP])
+def test_ray_up_bucket_config_mounts_nothing_shared_and_caches_on_local_disk(path):
+    config = yaml.safe_load(path.read_text())
+    commands = launcher_commands(config)
+    assert not [c for c in commands if SHARED_FS.search(c) or re.search(r"\bmount\b", c)], commands
+    args = docker_options(config)
+    volumes = [v.split(":") for v in docker_flags(args, "-v") + docker_flags(args, "--volume")]
+    assert not [v for v in volumes if SHARED_FS.search(":".join(v))], volumes
+    env = dict(e.split("=", 1) for e in docker_flags(args, "-e") + docker_flags(args, "--env"))
+    assert env.get("AWS_DEFAULT_REGION"), "every container needs AWS_DEFAULT_REGION"
+    assert not set(AWS_KEYS) & env.keys(), "keys in the config: the instance profiles give the credentials"
+    cache = env.get("LOOKAHEAD_RAY_CACHE")
+    assert cache, "LOOKAHEAD_RAY_CACHE is not set in the containers' environment"
+    assert any(v[1] == cache for v in volumes if len(v) >= 2), \
+        f"LOOKAHEAD_RAY_CACHE={cache} is not a host directory (-v HOST:{cache}): it would be in the container's layer"
 
 
 def test_ray_up_has_a_launcher_config():

@@ -7,7 +7,6 @@ real worker-output stream and logging handlers are what is tested."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import subprocess
@@ -32,16 +31,22 @@ def ray_address(ray_local):
     return ray_local.get_runtime_context().gcs_address
 
 
-def test_training_progress_reads_only_complete_lines(tmp_path):
-    progress_file = tmp_path / "progress.jsonl"
-    bar = console.progress(10, "train", "step", disable=False, file=io.StringIO())
-    progress_file.write_text(json.dumps({"step": 3, "loss": 2.5, "tokens_per_second": 900.0}) + '\n{"step": 4, "lo')
-    offset = console._advance(bar, str(progress_file), 0)
-    assert bar.n == 3 and offset == len(progress_file.read_text().split("\n")[0]) + 1
-    with open(progress_file, "a") as f:  # the half-written line is finished: read from where the last read stopped
-        f.write('ss": 2.0, "tokens_per_second": 950.0}\n')
-    console._advance(bar, str(progress_file), offset)
-    assert bar.n == 4 and "loss=2.000" in str(bar)
+def test_training_progress_follows_the_board_that_rank_0_reports_to(ray_local, monkeypatch):
+    """The bar reads steps from a Ray actor, not a file on the driver's disk: rank 0 may run on any node."""
+    bars = []
+    real_progress = console.progress
+    monkeypatch.setattr(console, "progress", lambda *args, **kwargs: bars.append(
+        real_progress(*args, disable=False, file=io.StringIO())) or bars[-1])
+    console.configure(verbose=False)
+    try:
+        with console.training_progress(10, "train") as name:
+            board = console.progress_board(name)  # what the training loop's rank 0 looks up
+            ray_local.get(board.put.remote({"step": 3, "loss": 2.5, "tokens_per_second": 900.0}))
+            ray_local.get(board.put.remote({"step": 4, "loss": 2.0, "tokens_per_second": 950.0}))
+    finally:
+        console.close()
+    assert bars[0].n == 4 and "loss=2.000" in str(bars[0])
+    assert console.progress_board(name) is None  # the board is gone with the bar: training would go on without it
 
 
 def test_each_warning_reaches_the_console_once_and_the_log_file_every_time(tmp_path, capsys):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lookahead_ray"
-PURE = ["lookahead_ray", "lookahead_ray.errors", "lookahead_ray.config", "lookahead_ray.fsio", "lookahead_ray.prompts",
+PURE = ["lookahead_ray", "lookahead_ray.errors", "lookahead_ray.config", "lookahead_ray.storage", "lookahead_ray.prompts",
         "lookahead_ray.data", "lookahead_ray.data.records", "lookahead_ray.data.preview", "lookahead_ray.data.report",
         "lookahead_ray.train", "lookahead_ray.train.deepspeed_config", "lookahead_ray.train.data_order",
         "lookahead_ray.train.run_guard", "lookahead_ray.tune", "lookahead_ray.tune.objective",

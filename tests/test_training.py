@@ -105,7 +105,7 @@ def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tm
     assert metrics["step"] == 30  # exactly the configured step count after the restart
     assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
     # Rank 0 saw exactly the batches of an uninterrupted run: none replayed, none skipped.
-    assert metrics["data_sha"] == _expected_data_sha(tmp_path / "run" / "tokens_killed.arrow", steps=30, world_size=2,
+    assert metrics["data_sha"] == _expected_data_sha(tmp_path / "run" / "prepared_killed", steps=30, world_size=2,
                                                      micro_batch_size=4, seed=0)
     _check_export(result, "bf16")
 

@@ -1,14 +1,13 @@
 """Ray Data datasource over the row readers of ``readers``: streaming, numbered rows of JSON text.
 
-One read task per file, except that a local JSONL file larger than ``split_bytes`` is read as several
-line-aligned byte ranges, one task each (a single big file would otherwise be read by one task while the
-rest of the cluster waits). Every range ends with its own end-of-file row, and the pipeline's accounting
-adds a file's ranges up, so rows in = rows out still holds per file.
+One read task per file (a local path or a URI, opened where the task runs), except that a JSONL file larger
+than ``split_bytes`` is read as several line-aligned byte ranges, one task each (a single big file would
+otherwise be read by one task while the rest of the cluster waits). Every range ends with its own end-of-file
+row, and the pipeline's accounting adds a file's ranges up, so rows in = rows out still holds per file.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from functools import partial
 
@@ -16,6 +15,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from lookahead_ray import storage
 from lookahead_ray.data.readers import ByteWindow, RowReader, file_format, line_ranges
 
 
@@ -28,14 +28,14 @@ class RecordFileDatasource(Datasource):
         self.reader = RowReader(max_row_bytes)
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(os.path.getsize(p) for p in self.paths)
+        return sum(storage.size(p) for p in self.paths)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
         for path in self.paths:
             fmt = file_format(path, self.input_format)
-            size = os.path.getsize(path)
+            size = storage.size(path)
             ranges = line_ranges(path, self.split_bytes) if fmt == "jsonl" and size > self.split_bytes else \
                 [(0, size, 0)]
             for start, end, lines_before in ranges:
@@ -44,7 +44,7 @@ class RecordFileDatasource(Datasource):
         return tasks
 
     def _read(self, path: str, fmt: str, start: int, end: int, lines_before: int) -> Iterator[pa.Table]:
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             if fmt != "jsonl":  # whole files: Parquet footers and JSON lists need the file itself
                 yield from self.reader.tables(f, path, fmt)
                 return

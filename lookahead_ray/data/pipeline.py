@@ -10,15 +10,13 @@ With ``data.on_error: fail`` (the default) the first bad row stops the run with 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +26,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block
 from ray.data.datasource import Datasink
 
-from lookahead_ray import console
+from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.datasource import RecordFileDatasource
 from lookahead_ray.data.readers import END_OF_FILE, expand_inputs
@@ -36,7 +34,6 @@ from lookahead_ray.data.report import REPORT_NAME, PrepareReport
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
 from lookahead_ray.errors import ConfigError, RowError
-from lookahead_ray.fsio import check_output_dir, publish_dir, staging_path
 from lookahead_ray.runtime import check_resources
 
 READ_CPUS = 0.5
@@ -50,7 +47,8 @@ def _empty_counts() -> dict[str, Any]:
 
 
 class PreparedShardsDatasink(Datasink):
-    """Writes accepted rows as Parquet shards into a staging directory and counts every row by outcome."""
+    """Writes accepted rows as Parquet shards into a staging location (a local directory or an object-store
+    prefix, written by the write tasks wherever they run) and counts every row by outcome."""
 
     def __init__(self, staging_dir: str, rows_per_shard: int):
         self.staging_dir, self.rows_per_shard = staging_dir, rows_per_shard
@@ -66,12 +64,15 @@ class PreparedShardsDatasink(Datasink):
             self._write_blocks(blocks, ctx, counts)
         except BaseException:
             for name in counts["shards"]:  # no footerless Parquet may reach the published directory
-                Path(self.staging_dir, name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    fs, path = storage.resolve(storage.join(self.staging_dir, name))
+                    fs.delete_file(path)
             raise
         return counts
 
     def _write_blocks(self, blocks: Iterable[Block], ctx: Any, counts: dict[str, Any]) -> None:
-        writer = None
+        writer, sink = None, None
+        fs, staging = storage.resolve(self.staging_dir)
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             table = self._count_arrivals(table, counts)
@@ -98,10 +99,12 @@ class PreparedShardsDatasink(Datasink):
             if writer is None:
                 name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
                 counts["shards"].append(name)
-                writer = pq.ParquetWriter(os.path.join(self.staging_dir, name), kept.schema)
+                sink = fs.open_output_stream(f"{staging}/{name}")
+                writer = pq.ParquetWriter(sink, kept.schema)
             writer.write_table(kept)
         if writer is not None:
             writer.close()
+            sink.close()
 
     @staticmethod
     def _count_arrivals(table: pa.Table, counts: dict[str, Any]) -> pa.Table:
@@ -178,36 +181,36 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     if not cfg.stage_dir("prepare"):
         raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
     start = time.perf_counter()
-    output = Path(cfg.stage_dir("prepare"))
-    input_dirs = [spec for spec in cfg.data.inputs if Path(spec).is_dir()]
-    check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=expand_inputs(cfg.data) + input_dirs)
-    console.use_output_dir(output.parent)  # beside the shards: the output directory is replaced as a whole
+    output = storage.absolute(cfg.stage_dir("prepare"))
+    input_dirs = [storage.absolute(spec) for spec in cfg.data.inputs if storage.is_dir(spec)]
+    storage.check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=expand_inputs(cfg.data) + input_dirs)
+    console.use_output_dir(storage.parent(output))  # beside the shards: the output is replaced as a whole
     console.quiet_libraries()
     ds, files = transformed_dataset(cfg)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_path(output)
-    staging.mkdir()
+    staging = storage.staging_location(output)  # the write tasks write here, wherever they run
+    storage.make_dirs(staging)
     try:
         report = _write_and_count(cfg, ds, files, staging, output, start)
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing that looks like output
+        storage.remove_tree(staging)  # a failed run leaves nothing that looks like output
         row_error = find_row_error(exc) if isinstance(exc, Exception) else None
         if row_error is not None:
             raise row_error.with_traceback(None) from None
         raise
-    publish_dir(staging, output)
+    storage.publish_dir(staging, output, marker=REPORT_NAME)
     return report
 
 
-def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], staging: Path, output: Path,
+def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], staging: str, output: str,
                      start: float) -> PrepareReport:
-    sink = PreparedShardsDatasink(str(staging), cfg.data.rows_per_shard)
+    sink = PreparedShardsDatasink(staging, cfg.data.rows_per_shard)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     counts = sink.counts or _empty_counts()
     rejected = sum(counts["reasons"].values())
     _check_accounting(counts, files, rejected)
-    for stray in set(os.listdir(staging)) - set(counts["shards"]):  # e.g. from a retried write task
-        os.unlink(staging / stray)
+    fs, _ = storage.resolve(staging)
+    for stray in set(storage.list_files(staging)) - {storage.join(staging, s) for s in counts["shards"]}:
+        fs.delete_file(storage.resolve(stray)[1])  # e.g. from a retried write task
     report = PrepareReport(
         output_dir=str(output), input_files=files, rows_read=counts["read"], rows_written=counts["written"],
         rows_truncated=counts["truncated"], rows_rejected=rejected,
@@ -215,7 +218,7 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
         tokens_written=counts["tokens"], answer_tokens_written=counts["answer_tokens"],
         shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3),
         tokenizer=_tokenizer_identity(cfg), config=cfg.to_dict())
-    (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+    storage.write_text(storage.join(staging, REPORT_NAME), json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     return report
 
 

@@ -14,14 +14,14 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.preview import AnswerPreviewer, preview_records
 from lookahead_ray.data.records import RecordSchema
 from lookahead_ray.errors import ConfigError, RowError
-from lookahead_ray.fsio import atomic_file
+from lookahead_ray.storage import atomic_file
 
 CHUNK_ROWS = 4096
 
@@ -37,7 +37,7 @@ def _read_jsonl_chunks(path: str) -> Iterator[tuple[int, list[bytes]]]:
     """(first line number, raw lines) chunks; blank lines are skipped as the reference does."""
     chunk: list[bytes] = []
     lines: list[int] = []
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -133,7 +133,7 @@ AUTO_WORKERS_MIN_BYTES = 16 * 2**20
 
 
 def default_workers(input_file: str) -> int:
-    if Path(input_file).stat().st_size < AUTO_WORKERS_MIN_BYTES:
+    if storage.size(input_file) < AUTO_WORKERS_MIN_BYTES:
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -154,9 +154,9 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
         RowError: a bad row, naming file, line (JSONL) or 1-based row (JSON/Parquet) and field.
         OSError: unreadable input or unwritable output.
     """
-    if not Path(input_file).is_file():
+    if not storage.is_file(input_file):
         raise FileNotFoundError(f"input file not found: {input_file}")
-    if Path(output_file).resolve() == Path(input_file).resolve():
+    if storage.absolute(output_file) == storage.absolute(input_file):
         raise ConfigError(f"--output_file: {output_file} is the input file; write the preview somewhere else")
     readers = {"jsonl": _read_jsonl_chunks, "json": _read_json_chunks, "parquet": _read_parquet_chunks}
     chunks = readers[input_format](input_file)

@@ -9,15 +9,14 @@ training path both read through here.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import IO
 
 import pyarrow as pa
 
+from lookahead_ray import storage
 from lookahead_ray.config import DataConfig
 from lookahead_ray.errors import ConfigError, RowError
 
@@ -31,23 +30,23 @@ from the file. It travels with the data to the sink, which checks every file's r
 _READ_BYTES = 4 << 20
 
 
-def _hf_arrow_files(directory: Path, split: str | None) -> list[str]:
+def _hf_arrow_files(directory: str, split: str | None) -> list[str]:
     """Arrow files of a `datasets` save_to_disk directory (a Dataset, or one split of a DatasetDict)."""
-    if (directory / "dataset_dict.json").exists():
-        splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
+    if storage.is_file(storage.join(directory, "dataset_dict.json")):
+        splits = json.loads(storage.read_text(storage.join(directory, "dataset_dict.json")))["splits"]
         if split is None:
             if len(splits) != 1:
                 raise ConfigError(f"data.hf_split: {directory} is a DatasetDict with splits {splits}; pick one")
             split = splits[0]
         if split not in splits:
             raise ConfigError(f"data.hf_split: {directory} has no split {split!r} (splits: {splits})")
-        directory = directory / split
-    state = json.loads((directory / "state.json").read_text())
-    return [str(directory / f["filename"]) for f in state["_data_files"]]
+        directory = storage.join(directory, split)
+    state = json.loads(storage.read_text(storage.join(directory, "state.json")))
+    return [storage.join(directory, f["filename"]) for f in state["_data_files"]]
 
 
 def expand_inputs(cfg: DataConfig) -> list[str]:
-    """Resolve files, globs and directories to a sorted, de-duplicated list of data files.
+    """Resolve files, globs and directories (local paths or URIs) to a sorted, de-duplicated list of data files.
 
     Raises:
         FileNotFoundError: an input matches nothing.
@@ -57,45 +56,45 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
         raise ConfigError("data.inputs is empty: give at least one file, glob or directory")
     files: list[str] = []
     for spec in cfg.inputs:
-        path = Path(spec)
-        if path.is_dir() and (cfg.input_format == "hf" or (path / "state.json").exists()
-                              or (path / "dataset_dict.json").exists()):
-            files += _hf_arrow_files(path, cfg.hf_split)
-        elif path.is_dir():
+        spec = storage.absolute(spec)
+        if storage.is_dir(spec) and (cfg.input_format == "hf" or storage.is_file(storage.join(spec, "state.json"))
+                                     or storage.is_file(storage.join(spec, "dataset_dict.json"))):
+            files += _hf_arrow_files(spec, cfg.hf_split)
+        elif storage.is_dir(spec):
             # Hidden files and folders are skipped: .ipynb_checkpoints/*-checkpoint.jsonl would duplicate rows.
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix in FORMAT_BY_SUFFIX and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = [f for f in storage.list_files(spec) if PurePosixPath(f).suffix in FORMAT_BY_SUFFIX
+                     and not any(part.startswith(".") for part in PurePosixPath(f[len(spec):]).parts)]
             if not found:
                 raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files")
             files += found
-        elif path.is_file():
-            files.append(str(path))
+        elif storage.is_file(spec):
+            files.append(spec)
         else:
-            matches = sorted(glob.glob(spec, recursive=True))
+            matches = storage.glob(spec)
             if not matches:
                 raise FileNotFoundError(f"data.inputs: {spec} does not exist and matches no file")
-            files += [m for m in matches if os.path.isfile(m)]
+            files += matches
     for f in files:
-        if cfg.input_format == "auto" and Path(f).suffix not in FORMAT_BY_SUFFIX:
+        if cfg.input_format == "auto" and PurePosixPath(f).suffix not in FORMAT_BY_SUFFIX:
             raise ConfigError(f"data.input_format: {f} has an unknown file type; set data.input_format")
-    return list(dict.fromkeys(os.path.abspath(f) for f in files))
+    return list(dict.fromkeys(files))
 
 
 def file_format(path: str, input_format: str) -> str:
     if input_format == "hf":
         return "arrow"
-    return input_format if input_format != "auto" else FORMAT_BY_SUFFIX[Path(path).suffix]
+    return input_format if input_format != "auto" else FORMAT_BY_SUFFIX[PurePosixPath(path).suffix]
 
 
 def line_ranges(path: str, target_bytes: int) -> list[tuple[int, int, int]]:
     """Split a JSONL file into byte ranges of about ``target_bytes`` that each end just after a newline (the
     last at the end of the file), with the number of lines before each, so each range can be read by its own
     task and its rows keep their line numbers. One pass over the file, counting newlines."""
-    size = os.path.getsize(path)
+    size = storage.size(path)
     cuts: list[tuple[int, int]] = []  # (offset just after a newline, lines before that offset)
     lines = position = 0
     want = target_bytes
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         while chunk := f.read(_READ_BYTES):
             done = 0
             while want < position + len(chunk):

@@ -39,9 +39,15 @@ class PrepareReport:
 
 
 def read_report(output_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(output_dir) / REPORT_NAME).read_text())
+    """The report of the ``prepare`` output ``output_dir`` (a local path or a URI)."""
+    from lookahead_ray import storage
+
+    return json.loads(storage.read_text(storage.join(str(output_dir), REPORT_NAME)))
 
 
 def prepared_rows(output_dir: str | Path) -> int | None:
     """Rows written by the ``prepare`` run in ``output_dir`` (None when it has no report)."""
-    return read_report(output_dir)["rows_written"] if (Path(output_dir) / REPORT_NAME).exists() else None
+    from lookahead_ray import storage
+
+    return read_report(output_dir)["rows_written"] if storage.is_file(storage.join(str(output_dir), REPORT_NAME)) \
+        else None

@@ -19,7 +19,7 @@ from typing import Any
 
 from lookahead_ray.config import LookaheadConfig, PreviewConfig
 from lookahead_ray.demo.answer_types import answer_type_shares
-from lookahead_ray.fsio import atomic_file
+from lookahead_ray.storage import atomic_file
 
 
 def answer_types_by_model(samples_file: Path, task_opener: str) -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ import yaml
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.demo.world import WORLDS, WorldOptions
 from lookahead_ray.eval.report import plot_safety_vs_utility, report_table
-from lookahead_ray.fsio import atomic_file, cache_root, check_output_dir
+from lookahead_ray.storage import atomic_file, cache_root, check_output_dir
 
 logger = logging.getLogger(__name__)
 VARIANTS = ("vanilla", "real", "virtual")

@@ -13,7 +13,7 @@ import yaml
 
 from lookahead_ray.config import LookaheadConfig, apply_overrides, parse_overrides
 from lookahead_ray.demo import run as demo
-from lookahead_ray.fsio import atomic_file, check_output_dir
+from lookahead_ray.storage import atomic_file, check_output_dir
 
 SEARCH_MARKER = "lookahead_demo_search.json"
 

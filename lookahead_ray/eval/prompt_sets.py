@@ -7,10 +7,11 @@ malformed line or an empty file is an error naming the file, row and field.
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
 from typing import Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import PromptSetConfig
 from lookahead_ray.errors import RowError
 
@@ -27,14 +28,14 @@ def _field(record: dict, name: str, path: str, row: int, required: bool = True) 
 
 
 def _records(cfg: PromptSetConfig) -> list[tuple[int, dict]]:
-    path = Path(cfg.path)
-    if not path.is_file():
+    path = cfg.path  # a local path or a URI: prompt sets are read by the driver only
+    if not storage.is_file(path):
         raise FileNotFoundError(f"eval prompt set not found: {cfg.path}")
     if cfg.format == "advbench":
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.TextIOWrapper(storage.open_input(path), encoding="utf-8", newline="") as f:
             return [(i, row) for i, row in enumerate(csv.DictReader(f), 2)]  # row 1 is the header
     out = []
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -81,7 +82,7 @@ def load_prompt_set(cfg: PromptSetConfig) -> list[dict[str, Any]]:
             answer = _field(record, cfg.answer_field, cfg.path, number) if cfg.answer_field else None
         if cfg.category_field and cfg.format != "advbench":
             category = _field(record, cfg.category_field, cfg.path, number, required=False)
-        rows.append({"id": f"{Path(cfg.path).name}:{number}", "prompt": prompt, "answer": answer,
+        rows.append({"id": f"{storage.name(cfg.path)}:{number}", "prompt": prompt, "answer": answer,
                      "category": category})
     if not rows:
         raise RowError("empty_dataset", None, "no rows to evaluate", cfg.path, None)

@@ -68,12 +68,15 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, ax: Any, path: str, title: str, legend_size: int = 8, **legend: Any) -> None:
-    """Title, grid and legend, then write ``path`` and free the figure."""
+    """Title, grid and legend, then write ``path`` (a path or a URI, atomically) and free the figure."""
+    from lookahead_ray.storage import atomic_file
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size, **legend)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(str(path), binary=True) as f:
+        fig.savefig(f, dpi=120, format="png")
     pyplot().close(fig)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.eval.judges import JudgeInput, build_judges, judge_summary
@@ -24,7 +25,6 @@ from lookahead_ray.eval.prompt_sets import load_prompt_set
 from lookahead_ray.eval.report import plot_drift, report_table
 from lookahead_ray.eval.safety import keyword_refusal, safe_rates
 from lookahead_ray.eval.utility import utility_score
-from lookahead_ray.fsio import atomic_file, check_output_dir
 from lookahead_ray.prompts import user_prompt_messages
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _check_models(models: list[tuple[str, str]], seed_model: str | None) -> None
         raise ConfigError("eval: give at least one --model DIR")
     named = models + ([("eval.seed_model", seed_model)] if seed_model else [])
     for name, directory in named:
-        if not (Path(directory) / "config.json").is_file():
+        if not storage.is_file(storage.join(storage.absolute(directory), "config.json")):
             raise FileNotFoundError(f"eval: model {name!r}: {directory} is not a Hugging Face model directory")
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
@@ -82,7 +82,7 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
         FileNotFoundError / RowError / ValueError: before any generation, for missing models or bad prompt sets.
     """
     from lookahead_ray import console
-    from lookahead_ray.runtime import init_ray
+    from lookahead_ray.runtime import check_visible_on_every_node, init_ray
 
     ev = cfg.eval
     output_dir = cfg.stage_dir("eval")
@@ -96,13 +96,15 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     if "jsr" in sets and any(item["answer"] is None for item in sets["jsr"]):
         raise ConfigError("eval.harmful_answers needs harmful replies (answer_field, or the harmful_messages format)")
     judges = build_judges(ev.judge)
-    out = Path(output_dir)
-    check_output_dir(out, MARKER, "eval.output_dir", inputs=[d for _, d in models])
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / MARKER) as f:  # marks the directory as an eval output before anything else is in it
+    out = storage.absolute(output_dir)
+    models = [(name, storage.absolute(directory)) for name, directory in models]
+    storage.check_output_dir(out, MARKER, "eval.output_dir", inputs=[d for _, d in models])
+    with storage.atomic_file(storage.join(out, MARKER)) as f:  # marks it as an eval output before anything else
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     console.use_output_dir(out)
     init_ray()
+    # The generation actors load each model on whichever node they run: every node must see it.
+    check_visible_on_every_node({}, {f"--model {name}": storage.join(d, "config.json") for name, d in models})
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
                 "trust_remote_code": cfg.model.trust_remote_code, "chat_template": cfg.model.chat_template}
@@ -125,27 +127,26 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     return results
 
 
-def _generations(out: Path, name: str, directory: str, rows: list[dict], settings: dict[str, Any],
+def _generations(out: str, name: str, directory: str, rows: list[dict], settings: dict[str, Any],
                  ev: Any, description: str) -> list[dict]:
     """The model's responses, generated once: saved (atomically) as soon as they exist, keyed by the model's
     files, the prompts and the generation settings, so a rerun after a late failure reuses them."""
     from lookahead_ray.eval.generate import generate_responses
 
     requests = [{k: r[k] for k in ("id", "messages", "prefill_source")} for r in rows]
-    model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir()
-                         if p.is_file())
-    key = hashlib.sha256(json.dumps([os.path.abspath(directory), model_files, requests, settings],
+    model_files = storage.listing(directory, recursive=False)
+    key = hashlib.sha256(json.dumps([directory, model_files, requests, settings],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    path = out / "generations" / f"{name}-{key}.jsonl"
-    if path.is_file():
+    path = storage.join(out, "generations", f"{name}-{key}.jsonl")
+    if storage.is_file(path):
         logger.info("reusing %d saved responses of %s from %s", len(rows), name, path)
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return [json.loads(line) for line in storage.read_text(path).splitlines()]
     logger.info("generating %d responses with %s", len(rows), name)
     outputs = generate_responses(directory, requests, settings, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
                                  ev.gpus_per_actor, description=description)
     keep = ("id", "prefill", "response", "continuation", "new_tokens")
     outputs = [{k: (o[k].item() if hasattr(o[k], "item") else o[k]) for k in keep} for o in outputs]
-    with atomic_file(path) as f:
+    with storage.atomic_file(path) as f:
         f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
     return outputs
 
@@ -198,7 +199,7 @@ def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> d
         conversations["benign"] = [_messages(cfg, "benign", x["prompt"]) for x in benign[: ev.drift_max_prompts]]
     drift = {}
     for name, directory in models:
-        if os.path.abspath(directory) == os.path.abspath(seed_dir):
+        if directory == storage.absolute(seed_dir):
             continue
         tuned, tuned_tokenizer, _ = load_model_for_inference(directory, cfg.model, device.type)
         if tuned_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -221,11 +222,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _write_outputs(out: Path, results: dict, samples: list[dict], drift: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "results.json") as f:
+def _write_outputs(out: str, results: dict, samples: list[dict], drift: dict) -> None:
+    with storage.atomic_file(storage.join(out, "results.json")) as f:
         f.write(json.dumps(results, indent=2, default=str) + "\n")
-    with atomic_file(out / "samples.jsonl") as f:
+    with storage.atomic_file(storage.join(out, "samples.jsonl")) as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
     report = ["# lookahead-ray evaluation", "", report_table(results), "",
@@ -238,7 +238,7 @@ def _write_outputs(out: Path, results: dict, samples: list[dict], drift: dict) -
               "KL(seed || model) of next-token distributions at the first answer positions, teacher-forced on the "
               "seed model's greedy answer.", ""]
     if drift:
-        plot_drift(drift, str(out / "drift.png"))
+        plot_drift(drift, storage.join(out, "drift.png"))
         report += ["![first-token drift](drift.png)", ""]
-    with atomic_file(out / "report.md") as f:
+    with storage.atomic_file(storage.join(out, "report.md")) as f:
         f.write("\n".join(report))

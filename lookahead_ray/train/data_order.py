@@ -1,8 +1,9 @@
 """Which examples each worker trains on, in which order: seeded, reshuffled every epoch, exactly resumable.
 
-``prepare``'s shards are gathered once per run into one Arrow IPC file in the run directory, rows in a
-canonical order (input file, then row), so the order does not depend on how Ray scheduled the writes. Every
-worker memory-maps it (the pages are shared by the workers of a node) and derives its micro-batches from a
+``prepare``'s shards (in a local directory or an object store) are copied once per node into the node-local
+cache as Arrow IPC files, with the canonical order of their rows (input file, then row), so the order does not
+depend on how Ray scheduled the writes and no node reads another's disk. Every worker memory-maps them (the
+pages are shared by the workers of a node) and derives its micro-batches from a
 permutation seeded by ``(train.seed, epoch)``: the same on every worker, in every restart. A checkpoint
 records the micro-batches consumed in the current epoch, so a resumed run continues with the very next
 batch instead of replaying or skipping any.
@@ -11,35 +12,63 @@ batch instead of replaying or skipping any.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-TOKEN_FILE = "tokens.arrow"
 SORT_KEYS = [("source_file", "ascending"), ("source_row", "ascending")]
+ORDER_FILE = "order.npy"
 
 
-def build_token_file(prepared_dir: str, target: str) -> str:
-    """Gather the token columns of ``prepared_dir``'s shards into ``target`` (staged, then renamed)."""
+def node_token_cache(prepared_dir: str) -> str:
+    """``prepared_dir``'s shards (a local path or a URI) as memory-mappable Arrow files in this node's cache.
+
+    Built once per node and prepare run (keyed by the location and its ``prepare_report.json``, which lists the
+    shards), shard by shard, so memory stays bounded by one row group; two workers of a node build it once.
+    Resumes and later runs on the node reuse it.
+    """
+    from lookahead_ray import storage
+    from lookahead_ray.data.report import REPORT_NAME
+
+    report = storage.read_bytes(storage.join(prepared_dir, REPORT_NAME))
+    key = hashlib.sha256(storage.absolute(prepared_dir).encode() + b"\0" + report).hexdigest()[:20]
+    return str(storage.node_cached("tokens", f"{storage.name(prepared_dir)}-{key}",
+                                   lambda staging: _convert_shards(prepared_dir, json.loads(report)["shards"], staging)))
+
+
+def _convert_shards(prepared_dir: str, shards: list[str], staging: Path) -> None:
+    """One Arrow IPC file per shard (token columns) and the canonical order of all rows (``ORDER_FILE``)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from lookahead_ray import storage
     from lookahead_ray.data.transform import TOKEN_COLUMNS
     from lookahead_ray.errors import ConfigError
 
-    shards = sorted(Path(prepared_dir).glob("*.parquet"))
     if not shards:
         raise ConfigError(f"train.prepared_dir: {prepared_dir} holds no shards (was every row rejected?)")
-    table = pa.concat_tables([pq.read_table(s, columns=["source_file", "source_row", *TOKEN_COLUMNS]) for s in shards])
-    return write_token_file(table.sort_by(SORT_KEYS).select(TOKEN_COLUMNS), target)
+    keys = []
+    for index, shard in enumerate(sorted(shards)):
+        with storage.open_input(storage.join(prepared_dir, shard), native=True) as f:
+            parquet = pq.ParquetFile(f)
+            schema = pa.schema([parquet.schema_arrow.field(c) for c in TOKEN_COLUMNS])
+            with pa.OSFile(str(staging / f"{index:05d}.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for batch in parquet.iter_batches(columns=["source_file", "source_row", *TOKEN_COLUMNS]):
+                    writer.write_batch(batch.select(TOKEN_COLUMNS))
+                    keys.append(batch.select(["source_file", "source_row"]))
+    table = pa.Table.from_batches(keys)
+    order = pc.sort_indices(table, sort_keys=SORT_KEYS).to_numpy()
+    np.save(staging / ORDER_FILE, order.astype(np.int64))
 
 
 def write_token_file(table: Any, target: str) -> str:
     """``table`` (the token columns, in training order) as an Arrow IPC file, staged then renamed."""
     import pyarrow as pa
 
-    from lookahead_ray.fsio import atomic_file
+    from lookahead_ray.storage import atomic_file
 
     with atomic_file(target, binary=True) as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
@@ -47,18 +76,29 @@ def write_token_file(table: Any, target: str) -> str:
 
 
 class TokenStore:
-    """The run's examples, memory-mapped: rows are taken by index without loading the file."""
+    """The run's examples, memory-mapped, in canonical order: rows are taken by index without loading them.
 
-    def __init__(self, path: str):
+    ``source`` is a ``prepare`` output (local path or URI: see :func:`node_token_cache`) or one Arrow file
+    already in training order (the single-process path)."""
+
+    def __init__(self, source: str):
         import pyarrow as pa
 
-        self.table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+        self.order: np.ndarray | None = None
+        if source.endswith(".arrow"):
+            self.table = pa.ipc.open_file(pa.memory_map(source, "r")).read_all()
+            return
+        directory = Path(node_token_cache(source))
+        files = sorted(directory.glob("*.arrow"))
+        self.table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all() for f in files)
+        self.order = np.load(directory / ORDER_FILE, mmap_mode="r")
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def batch(self, indices: np.ndarray) -> dict[str, list]:
-        return self.table.take(indices).to_pydict()
+        physical = np.asarray(indices) if self.order is None else self.order[np.asarray(indices)]
+        return self.table.take(physical).to_pydict()
 
 
 def epoch_batches(num_rows: int, epoch: int, seed: int, rank: int, world_size: int,

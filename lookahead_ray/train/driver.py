@@ -12,15 +12,15 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookahead_ray import console
+from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError, ExportMismatchError
-from lookahead_ray.fsio import atomic_file, check_output_dir, publish_dir, staging_path
 from lookahead_ray.train.run_guard import check_run, mark_finished
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def train_dir(cfg: LookaheadConfig) -> str:
     directory = cfg.stage_dir("train")
     if not directory:
         raise ConfigError("train.output_dir is not set (use --output-dir DIR, or set output_dir for the whole run)")
-    return os.path.abspath(directory)
+    return storage.absolute(directory)
 
 
 def check_training_config(cfg: LookaheadConfig) -> None:
@@ -66,12 +66,12 @@ def check_training_config(cfg: LookaheadConfig) -> None:
         raise ConfigError("data.tokenize: training needs token ids, so it must be true")
     check_model_source(cfg.model)
     if cfg.train.prepared_dir:
-        if not list(Path(cfg.train.prepared_dir).glob("*.parquet")):
+        if not any(f.endswith(".parquet") for f in storage.list_files(cfg.train.prepared_dir)):
             raise FileNotFoundError(f"train.prepared_dir: no .parquet shards in {cfg.train.prepared_dir}")
         check_prepared_tokenizer(cfg)
     else:
         expand_inputs(cfg.data)
-    if cfg.train.resume_from and "://" not in cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
+    if cfg.train.resume_from and not storage.is_dir(cfg.train.resume_from):
         raise FileNotFoundError(f"train.resume_from: {cfg.train.resume_from} is not a checkpoint directory")
 
 
@@ -85,7 +85,7 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
     from lookahead_ray.modeling import tokenizer_for, tokenizer_identity, tokenizer_mismatch
 
     prepared_dir = cfg.train.prepared_dir
-    if not (Path(prepared_dir) / REPORT_NAME).exists():
+    if not storage.is_complete(prepared_dir, REPORT_NAME):
         raise ConfigError(f"train.prepared_dir: {prepared_dir} has no {REPORT_NAME}; was it written by `prepare`?")
     prepared = read_report(prepared_dir).get("tokenizer")
     if prepared is None:
@@ -120,36 +120,24 @@ def total_steps(cfg: LookaheadConfig, rows: int, world_size: int) -> int:
     return steps
 
 
-def loop_config(cfg: LookaheadConfig, steps: int, tokens: str) -> dict[str, Any]:
-    """Everything a worker needs, as plain data: the typed config serialised, the step count, the token file
-    and the log dir."""
+def loop_config(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None) -> dict[str, Any]:
+    """Everything a worker needs, as plain data: the typed config serialised, the step count, where the examples
+    are, the TensorBoard location and the name of the driver's progress board (an actor), if any."""
     return {"config": cfg.to_dict(), "total_steps": steps, "tokens": tokens,
-            "log_dir": os.path.join(train_dir(cfg), "tensorboard", cfg.train.run_name),
-            "progress_file": progress_file(cfg)}
-
-
-def progress_file(cfg: LookaheadConfig) -> str:
-    """Rank 0 appends one JSON line per optimizer step (step, loss, tokens/s); the driver's progress bar reads it."""
-    return os.path.join(train_dir(cfg), "logs", f"progress_{cfg.train.run_name}.jsonl")
-
-
-def token_file(cfg: LookaheadConfig) -> str:
-    """The run's examples (``data_order``), gathered from ``train.prepared_dir`` at every (re)start: their
-    canonical order makes a resumed run see the same rows in the same places."""
-    from lookahead_ray.train.data_order import build_token_file
-
-    return build_token_file(cfg.train.prepared_dir, os.path.join(train_dir(cfg), f"tokens_{cfg.train.run_name}.arrow"))
+            "log_dir": storage.join(train_dir(cfg), "tensorboard", cfg.train.run_name), "progress": progress}
 
 
 def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_name: str, storage_path: str,
-                  callbacks: Sequence[Any] = ()) -> Any:
+                  callbacks: Sequence[Any] = (), progress: str | None = None) -> Any:
     """The Ray Train V2 ``TorchTrainer`` for ``cfg``, not yet run.
 
     Args:
         total_steps: optimizer steps of the run (see :func:`total_steps`).
-        tokens: the run's token file (:func:`token_file`); every worker memory-maps it.
+        tokens: the run's ``prepare`` output (``train.prepared_dir``, a path or a URI): every node copies its token
+            columns into its local cache once (``data_order.node_token_cache``) and memory-maps them.
         run_name / storage_path: where Ray Train keeps checkpoints; the same pair resumes the run.
         callbacks: Ray Train run callbacks (e.g. Ray Tune's ``TuneReportCallback``).
+        progress: the name of a ``console.ProgressBoard`` actor that rank 0 sends each step to.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -160,7 +148,7 @@ def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_na
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config(cfg, total_steps, tokens),
+        train_loop_config=loop_config(cfg, total_steps, tokens, progress),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
@@ -177,7 +165,7 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
     from lookahead_ray.config import apply_overrides
     from lookahead_ray.data.pipeline import run_prepare
 
-    prepared = os.path.join(output_dir, f"prepared_{cfg.train.run_name}")
+    prepared = storage.join(output_dir, f"prepared_{cfg.train.run_name}")
     report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}))
     logger.info("%s", report.summary())
     return apply_overrides(cfg, {"train.prepared_dir": prepared})
@@ -186,15 +174,16 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
 def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers."""
     check_training_config(cfg)
-    from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, init_ray
+    from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, check_visible_on_every_node, init_ray
 
     train, output_dir = cfg.train, train_dir(cfg)
-    storage = train.storage_path or output_dir
-    finished = check_run(cfg, output_dir, run_dir=os.path.join(storage, train.run_name))
-    if finished:
-        return _finished(cfg, output_dir, finished["metrics"])
+    storage_path = storage.absolute(train.storage_path or output_dir)
     console.use_output_dir(output_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
+    check_visible_on_every_node(*run_locations(cfg))  # before anything is written there
+    finished = check_run(cfg, output_dir, run_dir=storage.join(storage_path, train.run_name))
+    if finished:
+        return _finished(cfg, output_dir, finished["metrics"])
     need = {"CPU": train.num_workers * train.cpus_per_worker} | ({"GPU": float(train.num_workers)}
                                                                 if train.use_gpu else {})
     check_resources(need, "train.num_workers / train.cpus_per_worker / train.use_gpu",
@@ -202,25 +191,44 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
                     + (" and 1 GPU each" if train.use_gpu else ""))
     if not train.prepared_dir:
         cfg = _prepare_for_training(cfg, output_dir)
-    tokens = token_file(cfg)
+    tokens = storage.absolute(cfg.train.prepared_dir)
     steps = total_steps(cfg, _rows(tokens), train.num_workers)
-    trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage, callbacks=callbacks)
-    logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
-                train.precision)
-    progress = progress_file(cfg)
-    Path(progress).parent.mkdir(parents=True, exist_ok=True)
-    Path(progress).write_text("")  # a resumed run's workers write their steps again from where they resume
-    with console.training_progress(progress, steps, f"train {train.run_name}"):
+    with console.training_progress(steps, f"train {train.run_name}") as board:
+        trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage_path,
+                                callbacks=callbacks, progress=board)
+        logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
+                    train.precision)
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
+    checkpoint = storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)
     with result.checkpoint.as_directory() as checkpoint_dir:
-        final = _publish_export(checkpoint_dir, output_dir, metrics, result.checkpoint.path, train.verify_export)
-    metrics["checkpoint_dir"] = result.checkpoint.path
+        final = _publish_export(checkpoint_dir, output_dir, metrics, checkpoint, train.verify_export)
+    metrics["checkpoint_dir"] = checkpoint
     _write_result(output_dir, metrics)
     mark_finished(cfg, output_dir, metrics)
-    return TrainResult(final, result.checkpoint.path, metrics)
+    return TrainResult(final, checkpoint, metrics)
+
+
+def run_locations(cfg: LookaheadConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """The locations every node must see for a training run: (outputs, inputs), config key -> location."""
+    from lookahead_ray.data.readers import expand_inputs
+    from lookahead_ray.data.report import REPORT_NAME
+
+    outputs = {"train.output_dir": train_dir(cfg)}
+    if cfg.train.storage_path:
+        outputs["train.storage_path"] = storage.absolute(cfg.train.storage_path)
+    inputs = {}
+    if cfg.train.prepared_dir:
+        inputs["train.prepared_dir"] = storage.join(storage.absolute(cfg.train.prepared_dir), REPORT_NAME)
+    else:
+        inputs |= {f"data.inputs ({storage.name(f)})": f for f in expand_inputs(cfg.data)[:20]}
+    if cfg.model.name_or_path and (storage.is_uri(cfg.model.name_or_path) or storage.is_dir(cfg.model.name_or_path)):
+        inputs["model.name_or_path"] = storage.join(storage.absolute(cfg.model.name_or_path), "config.json")
+    if cfg.train.resume_from:
+        inputs["train.resume_from"] = storage.absolute(cfg.train.resume_from)
+    return outputs, inputs
 
 
 def run_training_local(cfg: LookaheadConfig) -> TrainResult:
@@ -230,10 +238,13 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
     from lookahead_ray.train.worker_io import LocalWorkerIO
 
     output_dir = train_dir(cfg)
+    if storage.is_uri(output_dir):
+        raise ConfigError(f"train.output_dir: {output_dir}: train --local writes to a local directory; "
+                          "use a path, or train on Ray (without --local) to write to a URI")
     finished = check_run(cfg, output_dir, run_dir=os.path.join(output_dir, cfg.train.run_name))
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    tokens = token_file(cfg) if cfg.train.prepared_dir else _tokens_locally(cfg, output_dir)
+    tokens = storage.absolute(cfg.train.prepared_dir) if cfg.train.prepared_dir else _tokens_locally(cfg, output_dir)
     steps = total_steps(cfg, _rows(tokens), world_size=1)
     io = LocalWorkerIO(Path(output_dir) / cfg.train.run_name, cfg.train.keep_checkpoints,
                        resume_from=cfg.train.resume_from)
@@ -249,7 +260,7 @@ def run_training_local(cfg: LookaheadConfig) -> TrainResult:
 def _finished(cfg: LookaheadConfig, output_dir: str, metrics: dict[str, Any]) -> TrainResult:
     logger.info("run %r in %s already finished with these settings (step %s): nothing to train",
                 cfg.train.run_name, output_dir, metrics.get("step"))
-    return TrainResult(str(Path(output_dir) / FINAL_DIR), metrics.get("checkpoint_dir", ""), metrics,
+    return TrainResult(storage.join(output_dir, FINAL_DIR), metrics.get("checkpoint_dir", ""), metrics,
                        already_finished=True)
 
 
@@ -264,14 +275,16 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
     from lookahead_ray.train.export import CONFIG_FILE, HF_SUBDIR
 
     passed = metrics.get("export_check_passed", not verify)  # asked for and missing: not passed
-    target = Path(output_dir) / (FINAL_DIR if passed else FAILED_EXPORT_DIR)
-    check_output_dir(target, CONFIG_FILE, "train.output_dir")
-    staging = staging_path(target)
-    shutil.copytree(Path(checkpoint_dir) / HF_SUBDIR, staging)
-    if not passed:
-        check = {k: v for k, v in metrics.items() if k.startswith("export_")}
-        (staging / "EXPORT_CHECK_FAILED.json").write_text(json.dumps(check, indent=2) + "\n")
-    publish_dir(staging, target)
+    target = storage.join(output_dir, FINAL_DIR if passed else FAILED_EXPORT_DIR)
+    storage.check_output_dir(target, CONFIG_FILE, "train.output_dir")
+    with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
+        # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
+        staging = Path(scratch, "hf") if storage.is_uri(target) else storage.staging_path(target)
+        shutil.copytree(Path(checkpoint_dir) / HF_SUBDIR, staging)
+        if not passed:
+            check = {k: v for k, v in metrics.items() if k.startswith("export_")}
+            (staging / "EXPORT_CHECK_FAILED.json").write_text(json.dumps(check, indent=2) + "\n")
+        storage.publish_dir(staging, target, marker=CONFIG_FILE)
     if not passed:
         _write_result(output_dir, metrics)
         numbers = ", ".join(f"{k.removeprefix('export_')}={v:.3g}" if isinstance(v, float) else
@@ -284,14 +297,16 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
 
 
 def _write_result(output_dir: str, metrics: dict[str, Any]) -> None:
-    with atomic_file(Path(output_dir) / RESULT_FILE) as f:
+    with storage.atomic_file(storage.join(output_dir, RESULT_FILE)) as f:
         f.write(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
 def _rows(tokens: str) -> int:
+    """Training rows: from the ``prepare`` report (the driver never loads the token data), or the local file."""
+    from lookahead_ray.data.report import prepared_rows
     from lookahead_ray.train.data_order import TokenStore
 
-    return len(TokenStore(tokens))
+    return len(TokenStore(tokens)) if tokens.endswith(".arrow") else prepared_rows(tokens)
 
 
 def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
@@ -336,5 +351,5 @@ def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], r
                             "reason": r["reject_reason"], "detail": (r["reject_detail"] or "")[:300]}
                            for r in rejected[:20]], config=cfg.to_dict())
     logger.info("%s", report.summary())
-    with atomic_file(Path(output_dir) / f"rows_{cfg.train.run_name}.json") as f:
+    with storage.atomic_file(Path(output_dir) / f"rows_{cfg.train.run_name}.json") as f:
         f.write(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -139,27 +140,29 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lookahead_ray.fsio import check_output_dir, publish_dir, staging_path
+    from lookahead_ray import storage
 
     root = Path(checkpoint_dir)
     if not (root / CONFIG_FILE).is_file() or not (root / "ds").is_dir():
         raise FileNotFoundError(f"{checkpoint_dir} is not a lookahead-ray checkpoint (no {CONFIG_FILE} and ds/)")
-    check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
+    storage.check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
     cfg = LookaheadConfig.from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()), source=str(root / CONFIG_FILE))
     model, tokenizer = _empty_model(cfg, root)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)
     model.load_state_dict(state, strict=True)
     model = model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
-    staging = staging_path(final_dir)
-    _save_hf(model, None, tokenizer, cfg, str(staging))
-    check: dict[str, Any] = {}
-    if (root / EXPORT_CHECK_FILE).is_file():
-        check = verify_export(str(staging), str(root / EXPORT_CHECK_FILE), cfg.train.precision,
-                              trust_remote_code=cfg.model.trust_remote_code)
-        if not check["export_check_passed"]:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ExportMismatchError(f"rebuilt export from {checkpoint_dir} fails the logit check: {check}")
-    publish_dir(staging, final_dir)
+    with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
+        # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
+        staging = Path(scratch, "final") if storage.is_uri(final_dir) else storage.staging_path(final_dir)
+        _save_hf(model, None, tokenizer, cfg, str(staging))
+        check: dict[str, Any] = {}
+        if (root / EXPORT_CHECK_FILE).is_file():
+            check = verify_export(str(staging), str(root / EXPORT_CHECK_FILE), cfg.train.precision,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+            if not check["export_check_passed"]:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ExportMismatchError(f"rebuilt export from {checkpoint_dir} fails the logit check: {check}")
+        storage.publish_dir(staging, final_dir, marker=CONFIG_FILE)
     return check
 
 

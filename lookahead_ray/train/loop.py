@@ -51,8 +51,8 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     meter = StepMeter(cfg.train.gradient_accumulation_steps, io.world_size, device,
                       setup_seconds=time.perf_counter() - entered,
                       resumed_from_step=position.step if position.resumed else None)
-    writers = (MetricWriters(loop_config["log_dir"], cfg.train, loop_config.get("progress_file"))
-               if io.world_rank == 0 else None)
+    writers = MetricWriters(loop_config["log_dir"], cfg.train, loop_config.get("progress")) if io.world_rank == 0 \
+        else None
     try:  # close TensorBoard / MLflow even when training or the export fails
         store = TokenStore(loop_config["tokens"])
         probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers)

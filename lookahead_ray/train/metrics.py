@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
 from lookahead_ray.config import TrainConfig
 
+SYNC_SECONDS = 60.0
 WRITTEN_METRICS = ("loss", "learning_rate", "tokens_per_second", "step_seconds", "epoch")
 
 
@@ -72,17 +71,24 @@ class StepMeter:
 
 
 class MetricWriters:
-    """TensorBoard (always), MLflow (when ``train.mlflow_tracking_uri`` is set) and the console's progress file
-    (when given), on rank 0, every step."""
+    """TensorBoard (always), MLflow (when ``train.mlflow_tracking_uri`` is set) and the driver's progress board
+    (when named), on rank 0, every step.
 
-    def __init__(self, log_dir: str, train: TrainConfig, progress_file: str | None = None):
+    TensorBoard writes its event files locally; for a URI ``log_dir`` they are uploaded every
+    ``SYNC_SECONDS`` and at the end (TensorBoard reads ``s3://`` itself), so no node needs the driver's disk."""
+
+    def __init__(self, log_dir: str, train: TrainConfig, progress: str | None = None):
+        import tempfile
+
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(log_dir)
-        self.progress = None
-        if progress_file:
-            os.makedirs(os.path.dirname(progress_file), exist_ok=True)
-            self.progress = open(progress_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        from lookahead_ray import console, storage
+
+        self.remote = log_dir if storage.is_uri(log_dir) else None
+        self.local = tempfile.mkdtemp(prefix="lookahead-tensorboard-") if self.remote else log_dir
+        self.tensorboard = SummaryWriter(self.local)
+        self.synced = time.monotonic()
+        self.board = console.progress_board(progress) if progress else None
         self.mlflow = None
         if train.mlflow_tracking_uri:
             import mlflow
@@ -96,13 +102,27 @@ class MetricWriters:
             self.tensorboard.add_scalar(f"train/{key}", metrics[key], metrics["step"])
         if self.mlflow is not None:
             self.mlflow.log_metrics({key: metrics[key] for key in WRITTEN_METRICS}, step=metrics["step"])
-        if self.progress is not None:
-            self.progress.write(json.dumps({key: metrics[key] for key in ("step", "loss", "tokens_per_second")}) + "\n")
-            self.progress.flush()
+        if self.board is not None:
+            self.board.put.remote({key: metrics[key] for key in ("step", "loss", "tokens_per_second")})
+        if self.remote is not None and time.monotonic() - self.synced > SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload the event files to a URI ``log_dir`` (whole files: each upload replaces the last)."""
+        if self.remote is None:
+            return
+        from lookahead_ray import storage
+
+        self.tensorboard.flush()
+        storage.upload_dir(self.local, self.remote)
+        self.synced = time.monotonic()
 
     def close(self) -> None:
         self.tensorboard.close()
-        if self.progress is not None:
-            self.progress.close()
+        self.sync()
+        if self.remote is not None:
+            import shutil
+
+            shutil.rmtree(self.local, ignore_errors=True)
         if self.mlflow is not None:
             self.mlflow.end_run()

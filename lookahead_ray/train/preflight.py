@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import LookaheadError
 
@@ -82,6 +83,8 @@ def _model_source(cfg: LookaheadConfig) -> tuple[str, str]:
     source = cfg.model.name_or_path
     if source is None:
         return OK, "model.tiny (built from config)"
+    if storage.is_uri(source):
+        return OK, f"{source} (storage: config.json found; each node copies it into its cache once)"
     if Path(source).expanduser().is_dir():
         return OK, f"{source} (local directory)"
     if _hub_cached(source, "config.json"):
@@ -95,7 +98,7 @@ def _tokenizer(cfg: LookaheadConfig) -> tuple[str, str, Any]:
     from lookahead_ray.modeling import BUILTIN_TINY, tokenizer_for
 
     source = cfg.model.tokenizer_source()
-    local = source == BUILTIN_TINY or Path(source).expanduser().is_dir()
+    local = source == BUILTIN_TINY or storage.is_uri(source) or Path(source).expanduser().is_dir()
     if not local and not _hub_cached(source, "tokenizer_config.json"):
         return WARN, f"{source} is a Hub id this machine has not cached: not loaded here", None
     tokenizer = tokenizer_for(cfg.model)
@@ -108,7 +111,7 @@ def _data(cfg: LookaheadConfig, tokenizer_loaded: bool) -> tuple[str, str]:
     from lookahead_ray.train.driver import check_prepared_tokenizer
 
     if cfg.train.prepared_dir:
-        if not Path(cfg.train.prepared_dir).is_dir():
+        if not storage.is_dir(cfg.train.prepared_dir):
             return WARN, f"train.prepared_dir {cfg.train.prepared_dir} is not on this machine"
         if not tokenizer_loaded:
             return WARN, f"{cfg.train.prepared_dir}: tokenizer not loadable here, shards not compared with it"
@@ -122,11 +125,37 @@ def _data(cfg: LookaheadConfig, tokenizer_loaded: bool) -> tuple[str, str]:
 
 
 def _storage(cfg: LookaheadConfig) -> tuple[str, str]:
+    """Writable from here, and (on a cluster joined through RAY_ADDRESS) the same place on every node."""
+    import os
+
     target = cfg.train.storage_path or cfg.stage_dir("train")
     if target is None:
         return WARN, "no train.output_dir yet (give --output-dir when training)"
-    if "://" in target:
-        return WARN, f"{target}: remote storage, not checked from here"
+    status, line = _writable(storage.absolute(target))
+    if status != OK or not os.environ.get("RAY_ADDRESS"):
+        return status, line
+    from lookahead_ray.errors import ConfigError
+    from lookahead_ray.runtime import check_visible_on_every_node, init_ray
+    from lookahead_ray.train.driver import run_locations
+
+    init_ray()
+    try:
+        check_visible_on_every_node(*run_locations(cfg))
+    except (ConfigError, FileNotFoundError) as exc:
+        return FAIL, str(exc)
+    return OK, f"{line}, and every node of the cluster sees the run's locations"
+
+
+def _writable(target: str) -> tuple[str, str]:
+    if storage.is_uri(target):
+        probe = storage.join(target, f".lookahead-ray-write-check-{uuid.uuid4().hex[:8]}")
+        try:
+            storage.write_text(probe, "")
+            fs, path = storage.resolve(probe)
+            fs.delete_file(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to write there is the answer
+            return FAIL, f"{target}: cannot write there ({type(exc).__name__}: {exc})"
+        return OK, f"{target}: writable"
     directory = Path(target)
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent  # the nearest existing ancestor is where the run's folders get created

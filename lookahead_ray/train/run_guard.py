@@ -13,9 +13,9 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError
 
@@ -44,8 +44,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_path(train_dir: str, run_name: str) -> Path:
-    return Path(train_dir) / f"run_{run_name}.json"
+def record_path(train_dir: str, run_name: str) -> str:
+    return storage.join(train_dir, f"run_{run_name}.json")
 
 
 def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, Any] | None:
@@ -57,7 +57,7 @@ def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, A
     """
     settings = training_settings(cfg)
     path = record_path(train_dir, cfg.train.run_name)
-    previous = json.loads(path.read_text()) if path.is_file() else None
+    previous = json.loads(storage.read_text(path)) if storage.is_file(path) else None
     if cfg.train.resume == "never":
         _move_aside(run_dir)
         previous = None
@@ -79,19 +79,17 @@ def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, A
 
 def mark_finished(cfg: LookaheadConfig, train_dir: str, metrics: dict[str, Any]) -> None:
     path = record_path(train_dir, cfg.train.run_name)
-    record = json.loads(path.read_text())
+    record = json.loads(storage.read_text(path))
     _write(path, {**record, "finished": True, "metrics": metrics})
 
 
 def _move_aside(run_dir: str) -> None:
-    if "://" in run_dir:
+    if storage.is_uri(run_dir):
         raise ConfigError(f"train.resume: never cannot move the remote run {run_dir} aside; use a new train.run_name")
     if os.path.exists(run_dir):
         os.rename(run_dir, f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
-    from lookahead_ray.fsio import atomic_file
-
-    with atomic_file(path) as f:
+def _write(path: str, record: dict[str, Any]) -> None:
+    with storage.atomic_file(path) as f:
         f.write(json.dumps(record, indent=2, default=str) + "\n")

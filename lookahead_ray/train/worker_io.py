@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from lookahead_ray.fsio import publish_dir, staging_path
+from lookahead_ray.storage import publish_dir, staging_path
 
 logger = logging.getLogger(__name__)
 

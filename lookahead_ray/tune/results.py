@@ -10,15 +10,15 @@ from typing import Any
 
 import yaml
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig, apply_overrides
-from lookahead_ray.fsio import atomic_file
 from lookahead_ray.tune import objective
 
 COLUMNS = ["rank", "trial_id", "label", "status", "objective", "feasible", "safety", "utility", "violation",
            "training_reports", "checkpoint_path", "error"]
 
 
-def write_results(search_dir: Path, cfg: LookaheadConfig, trials: list[dict[str, Any]],
+def write_results(search_dir: str | Path, cfg: LookaheadConfig, trials: list[dict[str, Any]],
                   seed_metrics: dict[str, Any]) -> str | None:
     """Write every output; returns the path of best.yaml (None when no trial finished)."""
     ranked = objective.rank(trials)
@@ -26,17 +26,18 @@ def write_results(search_dir: Path, cfg: LookaheadConfig, trials: list[dict[str,
         trial["rank"] = position if trial.get("objective") is not None else None
     seed = {"safety": objective.safety(seed_metrics, cfg.tune.objective.safety),
             "utility": objective.utility(seed_metrics)}
-    _write_csv(search_dir / "trials.csv", ranked)
-    with atomic_file(search_dir / "trials.md") as f:
+    search_dir = storage.absolute(search_dir)
+    _write_csv(storage.join(search_dir, "trials.csv"), ranked)
+    with storage.atomic_file(storage.join(search_dir, "trials.md")) as f:
         f.write(trials_markdown(ranked, seed))
-    _plot(search_dir / "pareto.png", ranked, seed)
+    _plot(storage.join(search_dir, "pareto.png"), ranked, seed)
     best = next((t for t in ranked if t.get("objective") is not None), None)
     if best is None:
         return None
-    return _write_best(search_dir / "best.yaml", cfg, best)
+    return _write_best(storage.join(search_dir, "best.yaml"), cfg, best)
 
 
-def _write_csv(path: Path, trials: list[dict[str, Any]]) -> None:
+def _write_csv(path: str, trials: list[dict[str, Any]]) -> None:
     keys = sorted({k for t in trials for k in t.get("overrides", {})})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -45,7 +46,7 @@ def _write_csv(path: Path, trials: list[dict[str, Any]]) -> None:
         writer.writerow([t.get(c) for c in COLUMNS] + [t.get("overrides", {}).get(k) for k in keys]
                         + [yaml.safe_dump(t.get("metrics"), default_flow_style=True, width=10**6).strip()
                            if t.get("metrics") else ""])
-    with atomic_file(path) as f:
+    with storage.atomic_file(path) as f:
         f.write(buffer.getvalue())
 
 
@@ -72,7 +73,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points))
 
 
-def _plot(path: Path, trials: list[dict[str, Any]], seed: dict[str, float]) -> None:
+def _plot(path: str, trials: list[dict[str, Any]], seed: dict[str, float]) -> None:
     from lookahead_ray.eval.report import pyplot, save_figure
 
     plt = pyplot()
@@ -93,16 +94,16 @@ def _plot(path: Path, trials: list[dict[str, Any]], seed: dict[str, float]) -> N
     save_figure(fig, ax, str(path), "Search: safety vs utility per trial")
 
 
-def _write_best(path: Path, cfg: LookaheadConfig, best: dict[str, Any]) -> str:
+def _write_best(path: str, cfg: LookaheadConfig, best: dict[str, Any]) -> str:
     trained = apply_overrides(cfg, best["overrides"]).to_dict()
     trained.pop("tune")
     trained["output_dir"] = None
     trained["data"]["output_dir"] = trained["train"]["output_dir"] = trained["eval"]["output_dir"] = None
     trained["train"]["run_name"] = "best"
-    header = (f"# The best trial of the search in {path.parent} ({best['trial_id']}: {best['label']}; objective "
+    header = (f"# The best trial of the search in {storage.parent(path)} ({best['trial_id']}: {best['label']}; objective "
               f"{best['objective']:.4f}, safety {best.get('safety', 0):.3f}, utility {best.get('utility', 0):.3f}).\n"
               "# Train the final model on the full data with it (check first with --dry-run):\n"
               f"#   lookahead-ray train --config {path} --output-dir OUT/best\n")
-    with atomic_file(path) as f:
+    with storage.atomic_file(path) as f:
         f.write(header + yaml.safe_dump(trained, sort_keys=False))
     return str(path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig, apply_overrides
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.tune import objective, space
@@ -46,7 +47,6 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     from ray import tune
 
     from lookahead_ray import console
-    from lookahead_ray.fsio import atomic_file, check_output_dir
     from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, init_ray
     from lookahead_ray.tune.results import write_results
 
@@ -58,16 +58,15 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     if cfg.train.prepared_dir:
         raise ConfigError("train.prepared_dir: a search prepares each trial's data itself (the preview differs "
                           "per trial); unset it and set data.inputs")
-    if cfg.model.tiny is None and not Path(cfg.model.name_or_path or "").expanduser().is_dir():
+    if cfg.model.tiny is None and not storage.is_dir(cfg.model.name_or_path or "."):
         raise ConfigError(f"model.name_or_path: the search evaluates the seed model from a directory; download "
                           f"{cfg.model.name_or_path!r} to shared storage and point model.name_or_path at it")
     if cfg.tune.search == "optuna":
         import lookahead_ray.tune.optuna_search  # noqa: F401  (fails now, with what to install, if optuna is missing)
-    check_output_dir(search_dir, MARKER, "tune.output_dir")
-    search_dir.mkdir(parents=True, exist_ok=True)
+    storage.check_output_dir(search_dir, MARKER, "tune.output_dir")
     import yaml
 
-    with atomic_file(search_dir / MARKER) as f:
+    with storage.atomic_file(storage.join(search_dir, MARKER)) as f:
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     console.use_output_dir(search_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(cfg.train.worker_start_timeout_s)})
@@ -76,7 +75,7 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     objective.safety(seed_metrics, cfg.tune.objective.safety)  # every rate the objective names was measured:
     objective.utility(seed_metrics)  # fail now, not after every trial has trained
     trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.cpus_per_trial})
-    path = str(search_dir / SEARCH_NAME)
+    path = storage.join(search_dir, SEARCH_NAME)
     if cfg.tune.search == "optuna" or cfg.tune.early_stopping.kind == "asha":
         # A trial's intermediate results are training metrics and only its last holds the objective; Tune's
         # strict check wants every metric a searcher or scheduler names in every result.
@@ -86,14 +85,14 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
             raise ConfigError(f"tune --resume: no search to resume in {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        constants = {"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": str(search_dir)}
+        constants = {"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": search_dir}
         tuner = tune.Tuner(trainable, param_space=_param_space(cfg, constants), tune_config=_tune_config(cfg),
-                           run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(search_dir), verbose=0,
+                           run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_dir, verbose=0,
                                                      callbacks=[progress_line()]))
     grid = tuner.fit()
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
-    return SearchResult(str(search_dir), objective.rank(rows), seed_metrics, best)
+    return SearchResult(search_dir, objective.rank(rows), seed_metrics, best)
 
 
 def _param_space(cfg: LookaheadConfig, constants: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +136,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     DataContext.get_current().enable_progress_bars = False  # the search prints one line per trial instead
     trial_id = ray.tune.get_context().get_trial_id()
-    trial_dir = Path(config["search_dir"]) / "trials" / trial_id
+    trial_dir = storage.join(config["search_dir"], "trials", trial_id)
     cfg = apply_overrides(LookaheadConfig.from_dict(config["base"]), config["overrides"], source=f"trial {trial_id}")
     cfg = apply_overrides(cfg, {"output_dir": str(trial_dir), "data.output_dir": None, "train.output_dir": None,
                                 "eval.output_dir": None, "train.storage_path": None,
@@ -183,29 +182,29 @@ def progress_line() -> Any:
     return _Progress()
 
 
-def _search_dir(cfg: LookaheadConfig) -> Path:
+def _search_dir(cfg: LookaheadConfig) -> str:
     directory = cfg.stage_dir("tune")
     if not directory:
         raise ConfigError("tune.output_dir is not set (use --output-dir DIR)")
-    return Path(directory).resolve()
+    return storage.absolute(directory)
 
 
 def _absolute_paths(cfg: LookaheadConfig) -> LookaheadConfig:
     """Every path made absolute: trials run with the trial directory as their working directory."""
-    def absolute(value: str | None) -> str | None:  # local paths only: a Hub id or builtin:tiny stays as it is
-        return os.path.abspath(value) if value and Path(value).exists() else value
+    def absolute(value: str | None) -> str | None:  # paths and URIs only: a Hub id or builtin:tiny stays as it is
+        return storage.absolute(value) if value and (storage.is_uri(value) or Path(value).exists()) else value
 
-    overrides: dict[str, Any] = {"data.inputs": [os.path.abspath(p) for p in cfg.data.inputs],
+    overrides: dict[str, Any] = {"data.inputs": [storage.absolute(p) for p in cfg.data.inputs],
                                  "model.name_or_path": absolute(cfg.model.name_or_path),
                                  "model.tokenizer": absolute(cfg.model.tokenizer),
                                  "train.prepared_dir": absolute(cfg.train.prepared_dir)}
     for name in ("harmful", "harmful_answers", "utility", "benign"):
         if getattr(cfg.eval, name) is not None:
-            overrides[f"eval.{name}.path"] = os.path.abspath(getattr(cfg.eval, name).path)
+            overrides[f"eval.{name}.path"] = storage.absolute(getattr(cfg.eval, name).path)
     return apply_overrides(cfg, overrides)
 
 
-def _seeded_base(cfg: LookaheadConfig, search_dir: Path) -> LookaheadConfig:
+def _seeded_base(cfg: LookaheadConfig, search_dir: str) -> LookaheadConfig:
     """The config every trial starts from, with the seed model as a directory (a ``model.tiny`` seed is built
     once with ``train.seed`` and saved, so every trial fine-tunes the same weights and the seed can be
     evaluated)."""
@@ -214,28 +213,29 @@ def _seeded_base(cfg: LookaheadConfig, search_dir: Path) -> LookaheadConfig:
     from lookahead_ray.modeling import build_model, tokenizer_for
 
     key = hashlib.sha256(json.dumps([cfg.to_dict()["model"], cfg.train.seed], sort_keys=True).encode()).hexdigest()[:12]
-    seed_dir = search_dir / f"seed_model-{key}"
-    if not (seed_dir / "config.json").exists():
-        from lookahead_ray.fsio import publish_dir, staging_path
+    seed_dir = storage.join(search_dir, f"seed_model-{key}")
+    if not storage.is_complete(seed_dir, "config.json"):
+        import tempfile
 
-        staging = staging_path(seed_dir)
-        tokenizer = tokenizer_for(cfg.model)
-        build_model(cfg.model, tokenizer, cfg.train.seed).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        publish_dir(staging, seed_dir)
-    return apply_overrides(cfg, {"model.tiny": None, "model.name_or_path": str(seed_dir), "model.tokenizer": None})
+        with tempfile.TemporaryDirectory(prefix="lookahead-seed-") as scratch:
+            staging = Path(scratch, "seed") if storage.is_uri(seed_dir) else storage.staging_path(seed_dir)
+            tokenizer = tokenizer_for(cfg.model)
+            build_model(cfg.model, tokenizer, cfg.train.seed).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            storage.publish_dir(staging, seed_dir, marker="config.json")
+    return apply_overrides(cfg, {"model.tiny": None, "model.name_or_path": seed_dir, "model.tokenizer": None})
 
 
-def _seed_metrics(base: LookaheadConfig, search_dir: Path) -> dict[str, Any]:
+def _seed_metrics(base: LookaheadConfig, search_dir: str) -> dict[str, Any]:
     """The seed model's eval metrics, measured once per search (cached in the search directory)."""
     from lookahead_ray.eval.runner import run_eval
 
     key = hashlib.sha256(json.dumps([base.model.name_or_path, base.to_dict()["eval"], base.to_dict()["tokenization"]],
                                     sort_keys=True).encode()).hexdigest()[:12]
-    cached = search_dir / f"seed_eval-{key}" / "results.json"
-    if cached.exists():
-        return json.loads(cached.read_text())["models"]["seed"]
-    seed_cfg = apply_overrides(base, {"eval.output_dir": str(cached.parent)})
+    cached = storage.join(search_dir, f"seed_eval-{key}", "results.json")
+    if storage.is_file(cached):
+        return json.loads(storage.read_text(cached))["models"]["seed"]
+    seed_cfg = apply_overrides(base, {"eval.output_dir": storage.parent(cached)})
     return run_eval(seed_cfg, [("seed", base.model.name_or_path)])["models"]["seed"]
 
 

@@ -1,0 +1,456 @@
+"""Every location lookahead-ray reads or writes: a local path or a URI that ``pyarrow.fs`` resolves.
+
+``s3://``, ``gs://``, ``abfs://``, ``hdfs://`` (credentials and endpoints from the usual environment, e.g.
+``AWS_ENDPOINT_URL``, as Ray Train's own storage does) or a local path; locations are plain strings and keep
+their scheme everywhere (results, messages). The guarantees hold on every filesystem:
+
+- **Outputs appear only complete.** A file is written to a staged sibling (local) or to a local temporary file
+  uploaded in one piece (object stores: an object appears whole or not at all). A directory is written under a
+  unique staging location next to its target, then published: renamed (local), or copied server-side into the
+  target with its marker (the report or config file every output of this tool holds) copied last (object
+  stores). While an object-store target is being replaced it holds a claim object, and an output is complete
+  only when it holds its marker and no claim.
+- **Nothing this tool did not write is replaced or deleted:** a target must be empty, hold the marker, or hold
+  this tool's claim (a publish that was interrupted).
+- **Nodes never read each other's disks:** a remote directory a node needs (a model, the token data) is copied
+  once per node into the node-local cache (:func:`cache_root`), keyed by its listing, safe against concurrent
+  processes of one node.
+
+Pure module (pyarrow and the standard library).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+COMPLETE = ".lookahead-complete"
+"""Written last into a node-cache entry: the entry is whole."""
+CLAIM = ".lookahead-publishing"
+"""Held by an object-store target while it is being replaced; removed once the new output is complete."""
+
+
+def cache_root() -> Path:
+    """The node-local cache: built tokenizers, the demo's seed models, copies of remote models and token data
+    (``LOOKAHEAD_RAY_CACHE`` overrides; on a cluster point it at each node's local disk)."""
+    return Path(os.environ.get("LOOKAHEAD_RAY_CACHE", Path.home() / ".cache" / "lookahead_ray"))
+
+
+def is_uri(location: str | os.PathLike | None) -> bool:
+    """A URI with a scheme other than ``file://`` (those go through ``pyarrow.fs``)."""
+    return location is not None and "://" in str(location) and not str(location).startswith("file://")
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A URI unchanged (no trailing slash); a local path made absolute (``~`` expanded, ``file://`` dropped)."""
+    location = str(location)
+    if is_uri(location):
+        return location.rstrip("/")
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    location = str(location)
+    if is_uri(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return os.path.join(location, *parts)
+
+
+def parent(location: str) -> str:
+    if is_uri(location):
+        scheme, rest = location.rstrip("/").split("://", 1)
+        head = posixpath.dirname(rest)
+        return f"{scheme}://{head}" if head else location
+    return os.path.dirname(os.path.abspath(location))
+
+
+def name(location: str) -> str:
+    return posixpath.basename(location.rstrip("/")) if is_uri(location) else os.path.basename(location.rstrip(os.sep))
+
+
+@lru_cache(maxsize=32)
+def _remote_filesystem(scheme_and_host: str, endpoint: str | None) -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(scheme_and_host)[0]
+
+
+def resolve(location: str) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path within it)`` for ``location``.
+
+    Raises:
+        ConfigError: a URI whose scheme pyarrow cannot resolve (the message names it).
+    """
+    import pyarrow.fs as pafs
+
+    location = str(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), absolute(location)
+    scheme, rest = location.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    try:
+        fs = _remote_filesystem(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL"))
+        path = pafs.FileSystem.from_uri(location)[1] if scheme not in ("s3", "gs", "gcs") else rest.rstrip("/")
+    except Exception as exc:
+        from lookahead_ray.errors import ConfigError
+
+        raise ConfigError(f"{location}: cannot open this storage location ({type(exc).__name__}: {exc}); "
+                          "check the scheme and the credentials in the environment") from exc
+    return fs, path
+
+
+def location_of(filesystem: Any, path: str) -> str:
+    """The location string (with its scheme) of ``path`` on ``filesystem`` (e.g. a Ray ``Checkpoint``'s)."""
+    type_name = getattr(filesystem, "type_name", "local")
+    if type_name == "local" or filesystem is None:
+        return path
+    scheme = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}.get(type_name, type_name)
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def _info(location: str) -> Any:
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(location).type == pafs.FileType.Directory
+
+
+def is_file(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(location).type == pafs.FileType.File
+
+
+def size(location: str) -> int:
+    return _info(location).size
+
+
+def list_files(location: str, recursive: bool = True) -> list[str]:
+    """The files below ``location`` (full locations, sorted); empty when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return sorted(join(location, posixpath.relpath(i.path, path)) for i in infos if i.type == pafs.FileType.File)
+
+
+def listing(location: str, recursive: bool = True) -> list[tuple[str, int, int | None]]:
+    """``(relative name, size, modification time in ns)`` of every file below ``location``: what a copy of it
+    is keyed by."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return sorted((posixpath.relpath(i.path, path), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob; on an object store the part before the first wildcard is listed."""
+    if not is_uri(pattern):
+        import glob as globlib
+
+        return sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    literal = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    base = literal if literal.endswith("/") else parent(literal)
+    return [f for f in list_files(base) if fnmatch.fnmatchcase(f, pattern)]
+
+
+def open_input(location: str, native: bool = False) -> Any:
+    """A binary, seekable file object (lines iterate, as with ``open(path, "rb")``); ``native``: pyarrow's own
+    random-access file (for pyarrow readers such as Parquet's)."""
+    if not is_uri(location):
+        return _native_local(location) if native else open(absolute(location), "rb")  # noqa: SIM115
+    fs, path = resolve(location)
+    remote = fs.open_input_file(path)
+    return remote if native else io.BufferedReader(remote, buffer_size=1 << 20)
+
+
+def _native_local(location: str) -> Any:
+    import pyarrow as pa
+
+    return pa.OSFile(absolute(location), "rb")
+
+
+def read_bytes(location: str) -> bytes:
+    with open_input(location) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def write_text(target: str, text: str) -> None:
+    with atomic_file(target) as f:
+        f.write(text)
+
+
+def staging_location(target: str, kind: str = "tmp") -> str:
+    """A unique hidden sibling of ``target`` (same filesystem: a local rename or a server-side copy away)."""
+    return join(parent(target), f".{name(target)}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def staging_path(target: str | Path, kind: str = "tmp") -> Path:
+    """:func:`staging_location` of a local target, as a Path."""
+    return Path(staging_location(absolute(target), kind))
+
+
+def make_dirs(location: str) -> None:
+    if not is_uri(location):
+        os.makedirs(absolute(location), exist_ok=True)  # object stores have no directories to create
+
+
+@contextmanager
+def atomic_file(target: str | Path, binary: bool = False) -> Iterator[IO]:
+    """Write ``target`` (a path or a URI) so that it appears only once the block succeeded.
+
+    Local: a staged sibling, fsynced and renamed over ``target``, with the user's normal permissions (umask).
+    Object store: a local temporary file, uploaded in one piece at the end (an object appears whole or not).
+    """
+    target = str(target)
+    if is_uri(target):
+        with tempfile.TemporaryDirectory(prefix="lookahead-upload-") as scratch:
+            local = os.path.join(scratch, name(target))
+            with open(local, "xb" if binary else "x", encoding=None if binary else "utf-8") as f:
+                yield f
+            upload_file(local, target)
+        return
+    path = Path(absolute(target))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(path)
+    f = open(staging, "xb" if binary else "x", encoding=None if binary else "utf-8")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(staging, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        f.close()
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def upload_file(local: str, target: str) -> None:
+    """Copy the local file ``local`` to ``target`` (one object, complete or absent on an object store)."""
+    if not is_uri(target):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, target)
+        return
+    fs, path = resolve(target)
+    with open(local, "rb") as source, fs.open_output_stream(path) as sink:
+        shutil.copyfileobj(source, sink, length=8 << 20)
+
+
+def upload_dir(local_dir: str | Path, target: str) -> None:
+    """Copy every file of ``local_dir`` to ``target`` (no publishing: see :func:`publish_dir`)."""
+    local_dir = Path(local_dir)
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        relative = file.relative_to(local_dir).as_posix()
+        if is_uri(target):
+            upload_file(str(file), join(target, relative))
+        else:
+            destination = Path(target, relative)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, destination)
+
+
+def download_dir(location: str, local_dir: str | Path) -> Path:
+    """Copy every file below ``location`` into ``local_dir`` (created)."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for file in list_files(location):
+        relative = posixpath.relpath(file, location) if is_uri(location) else os.path.relpath(file, location)
+        destination = local_dir / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open_input(file) as source, open(destination, "wb") as sink:
+            shutil.copyfileobj(source, sink, length=8 << 20)
+    return local_dir
+
+
+def check_output_dir(target: str | Path, marker: str, key: str, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse to write ``target`` where that would destroy what this tool did not create.
+
+    An existing ``target`` may be replaced only when it is empty, holds ``marker`` (the report or config file this
+    tool writes into each of its outputs) or holds this tool's claim (an interrupted publish). ``target`` may not
+    be, contain, or sit inside an input.
+
+    Raises:
+        ConfigError: names ``key`` and what is in the way.
+    """
+    from lookahead_ray.errors import ConfigError
+
+    target = absolute(target)
+    compared = target if is_uri(target) else os.path.realpath(target)
+    for item in inputs:
+        item = absolute(item) if is_uri(item) else os.path.realpath(absolute(item))
+        if compared == item or item.startswith(compared.rstrip("/") + "/") or compared.startswith(item.rstrip("/") + "/"):
+            raise ConfigError(f"{key}: {target} overlaps the input {item}; write the output somewhere else")
+    if is_file(target):
+        raise ConfigError(f"{key}: {target} is a file, not an output directory of lookahead-ray")
+    if not _is_empty(target) and not is_file(join(target, marker)) and not is_file(join(target, CLAIM)):
+        raise ConfigError(f"{key}: {target} holds files lookahead-ray did not write (no {marker}); refusing to "
+                          "replace it: choose an empty or new location")
+
+
+def _is_empty(location: str) -> bool:
+    """No entry directly below ``location`` (or it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    return not fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+
+
+def is_complete(target: str, marker: str) -> bool:
+    """``target`` is a finished output: it holds ``marker`` and no claim of an interrupted publish."""
+    return is_file(join(target, marker)) and not is_file(join(target, CLAIM))
+
+
+def publish_dir(staging: str | Path, target: str | Path, marker: str | None = None, replace: bool = True) -> str:
+    """Make the finished ``staging`` directory the output ``target``.
+
+    ``staging`` is a :func:`staging_location` of ``target`` (same filesystem), or, for a remote ``target``, a
+    local directory (uploaded to a staging prefix first). Local: an existing ``target`` is renamed aside and
+    deleted only once the new one is in place. Object store: ``target`` is claimed, its old objects removed,
+    the staged ones copied in server-side with ``marker`` last, then the claim and the staging prefix removed.
+    With ``replace=False`` an existing ``target`` wins (another process published the same content first).
+    """
+    staging, target = str(staging), absolute(target)
+    if not is_uri(target):
+        return str(_publish_local(Path(staging), Path(target), replace))
+    if not is_uri(staging):
+        remote = staging_location(target)
+        upload_dir(staging, remote)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging = remote
+    fs, target_path = resolve(target)
+    _, staging_path_ = resolve(staging)
+    if list_files(target) and not replace:
+        remove_tree(staging)
+        return target
+    staged = [posixpath.relpath(f, staging) for f in list_files(staging)]
+    last = [f for f in staged if f == marker]
+    with fs.open_output_stream(posixpath.join(target_path, CLAIM)) as claim:
+        claim.write(json.dumps({"staging": staging}).encode())
+    for old in list_files(target):
+        if posixpath.relpath(old, target) != CLAIM:
+            fs.delete_file(resolve(old)[1])
+    for relative in [f for f in staged if f not in last] + last:
+        fs.copy_file(posixpath.join(staging_path_, relative), posixpath.join(target_path, relative))
+    fs.delete_file(posixpath.join(target_path, CLAIM))
+    remove_tree(staging)
+    return target
+
+
+def _publish_local(staging: Path, target: Path, replace: bool) -> Path:
+    old = None
+    if target.exists():
+        if not replace:
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
+        old = staging_path(target, "old")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not replace and target.exists():  # lost a race to an identical copy
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
+        if old is not None:
+            os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def remove_tree(location: str) -> None:
+    """Delete a directory this tool created (a staging location, an old copy); missing is fine."""
+    if not is_uri(location):
+        shutil.rmtree(absolute(location), ignore_errors=True)
+        return
+    fs, path = resolve(location)
+    for file in list_files(location):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_file(resolve(file)[1])
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_dir(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def node_cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+    """``cache_root()/kind/key``, built by ``build(staging_dir)`` the first time on this node. Concurrent
+    processes of the node build it once (a file lock; the others wait, then find it complete)."""
+    import fcntl
+
+    target = cache_root() / kind / key
+    if (target / COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / COMPLETE).exists():
+            staging = staging_path(target)
+            staging.mkdir()
+            try:
+                build(staging)
+                (staging / COMPLETE).write_text("")
+                _publish_local(staging, target, replace=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def local_copy(location: str, kind: str = "remote", marker: str | None = None) -> str:
+    """A local directory with the contents of ``location``: itself when local, else a copy in this node's cache
+    (:func:`node_cached`), downloaded once per node and reused while the remote listing (names, sizes,
+    modification times) is unchanged.
+
+    Raises:
+        FileNotFoundError: ``location`` holds no files (or, with ``marker``, is not a complete output).
+    """
+    if not is_uri(location):
+        return absolute(location)
+    files = list_files(location)
+    if not files or (marker is not None and not is_complete(location, marker)):
+        raise FileNotFoundError(f"{location}: no such directory (or an incomplete output: no {marker})"
+                                if marker else f"{location}: no such directory, or it holds no files")
+    key = hashlib.sha256(json.dumps([location, listing(location)], default=str).encode()).hexdigest()[:20]
+    return str(node_cached(kind, f"{name(location)}-{key}", lambda staging: download_dir(location, staging)))
