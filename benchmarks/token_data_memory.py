@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,6 @@ from lookahead_ray.data.report import prepared_rows
 rows = prepared_rows(PREPARED)
 """,
     "after-node-cache": """
-import os
 os.environ["LOOKAHEAD_RAY_CACHE"] = OUT + "/cache"
 from lookahead_ray.train.data_order import TokenStore, epoch_batches
 store = TokenStore(PREPARED)

@@ -81,7 +81,9 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
     """``builtin:tiny``'s cached directory, a URI's node-local copy, else ``name_or_path`` itself."""
     if name_or_path == BUILTIN_TINY:
         return str(tiny_tokenizer_dir())
-    return local_model_dir(name_or_path)
+    # A tokenizer from a URI: the directory's files without the weights (a model directory is often both).
+    return storage.local_copy(name_or_path, "tokenizers", weights=False) if storage.is_uri(name_or_path) \
+        else name_or_path
 
 
 def local_model_dir(name_or_path: str) -> str:

@@ -22,12 +22,12 @@ Pure module (pyarrow and the standard library).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -101,6 +101,11 @@ def resolve(location: str) -> tuple[Any, str]:
         return pafs.LocalFileSystem(), absolute(location)
     scheme, rest = location.split("://", 1)
     bucket = rest.split("/", 1)[0]
+    if "?" in location:
+        from lookahead_ray.errors import ConfigError
+
+        raise ConfigError(f"{location}: options in the URI (?...) are not supported: set them in the environment "
+                          "(e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), which every node's processes inherit")
     try:
         fs = _remote_filesystem(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL"))
         path = pafs.FileSystem.from_uri(location)[1] if scheme not in ("s3", "gs", "gcs") else rest.rstrip("/")
@@ -168,14 +173,42 @@ def listing(location: str, recursive: bool = True) -> list[tuple[str, int, int |
 
 
 def glob(pattern: str) -> list[str]:
-    """Files matching a glob; on an object store the part before the first wildcard is listed."""
+    """Files matching a glob, as Python's glob matches: ``*`` and ``?`` within one path segment, ``**`` any number
+    of segments, hidden names only when the pattern spells the dot. On an object store the prefix before the first
+    wildcard is listed."""
     if not is_uri(pattern):
         import glob as globlib
 
         return sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     literal = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
     base = literal if literal.endswith("/") else parent(literal)
-    return [f for f in list_files(base) if fnmatch.fnmatchcase(f, pattern)]
+    matcher = _glob_regex(pattern)
+    return [f for f in list_files(base) if matcher.fullmatch(f)]
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for segment in pattern.split("/"):
+        if segment == "**":
+            parts.append("(?:[^/.][^/]*/)*")
+            continue
+        regex, i = "" if segment.startswith(".") else "(?![.])", 0
+        while i < len(segment):
+            char = segment[i]
+            end = segment.find("]", i + 2) if char == "[" else -1
+            if char == "*":
+                regex += "[^/]*"
+            elif char == "?":
+                regex += "[^/]"
+            elif end > 0:
+                body = segment[i + 1:end]
+                regex += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                i = end
+            else:
+                regex += re.escape(char)
+            i += 1
+        parts.append(regex + "/")
+    return re.compile("".join(parts)[:-1])
 
 
 def open_input(location: str, native: bool = False) -> Any:
@@ -305,6 +338,9 @@ def check_output_dir(target: str | Path, marker: str, key: str, inputs: Iterable
     from lookahead_ray.errors import ConfigError
 
     target = absolute(target)
+    if is_uri(target) and parent(target) == target:
+        raise ConfigError(f"{key}: {target} is a bucket's root; name a prefix below it (e.g. {target}/run), where "
+                          "lookahead-ray can stage its output beside the target")
     compared = target if is_uri(target) else os.path.realpath(target)
     for item in inputs:
         item = absolute(item) if is_uri(item) else os.path.realpath(absolute(item))
@@ -334,34 +370,37 @@ def publish_dir(staging: str | Path, target: str | Path, marker: str | None = No
     """Make the finished ``staging`` directory the output ``target``.
 
     ``staging`` is a :func:`staging_location` of ``target`` (same filesystem), or, for a remote ``target``, a
-    local directory (uploaded to a staging prefix first). Local: an existing ``target`` is renamed aside and
-    deleted only once the new one is in place. Object store: ``target`` is claimed, its old objects removed,
-    the staged ones copied in server-side with ``marker`` last, then the claim and the staging prefix removed.
-    With ``replace=False`` an existing ``target`` wins (another process published the same content first).
+    local directory. Local: an existing ``target`` is renamed aside and deleted only once the new one is in
+    place. Object store: ``target`` is claimed (the claim names the staging location), its old objects are
+    removed, the staged files are copied in (server-side from a staging prefix, uploaded from a local directory:
+    no server-side copy, which S3 limits to 5 GiB an object) with ``marker`` last, then the claim and the staging
+    are removed. With ``replace=False`` an existing ``target`` wins (another process published the same content).
     """
     staging, target = str(staging), absolute(target)
     if not is_uri(target):
         return str(_publish_local(Path(staging), Path(target), replace))
-    if not is_uri(staging):
-        remote = staging_location(target)
-        upload_dir(staging, remote)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging = remote
     fs, target_path = resolve(target)
-    _, staging_path_ = resolve(staging)
     if list_files(target) and not replace:
         remove_tree(staging)
         return target
-    staged = [posixpath.relpath(f, staging) for f in list_files(staging)]
-    last = [f for f in staged if f == marker]
-    with fs.open_output_stream(posixpath.join(target_path, CLAIM)) as claim:
-        claim.write(json.dumps({"staging": staging}).encode())
+    staged = sorted(posixpath.relpath(f, staging) if is_uri(staging) else os.path.relpath(f, staging)
+                    for f in list_files(staging))
+    claim = join(target, CLAIM)
+    if is_file(claim):  # an interrupted publish: its staging is ours to remove
+        with contextlib.suppress(Exception):
+            previous = json.loads(read_text(claim)).get("staging")
+            if previous and previous != staging and is_uri(previous):
+                remove_tree(previous)
+    write_text(claim, json.dumps({"staging": staging}))
     for old in list_files(target):
-        if posixpath.relpath(old, target) != CLAIM:
+        if old != claim:
             fs.delete_file(resolve(old)[1])
-    for relative in [f for f in staged if f not in last] + last:
-        fs.copy_file(posixpath.join(staging_path_, relative), posixpath.join(target_path, relative))
-    fs.delete_file(posixpath.join(target_path, CLAIM))
+    for relative in [f for f in staged if f != marker] + [f for f in staged if f == marker]:
+        if is_uri(staging):
+            fs.copy_file(resolve(join(staging, relative))[1], posixpath.join(target_path, relative))
+        else:
+            upload_file(os.path.join(staging, relative), join(target, relative))
+    fs.delete_file(resolve(claim)[1])
     remove_tree(staging)
     return target
 
@@ -427,6 +466,8 @@ def node_cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / COMPLETE).exists():
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a build killed midway (under this lock)
+                shutil.rmtree(stale, ignore_errors=True)
             staging = staging_path(target)
             staging.mkdir()
             try:
@@ -438,19 +479,37 @@ def node_cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def local_copy(location: str, kind: str = "remote", marker: str | None = None) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def local_copy(location: str, kind: str = "remote", marker: str | None = None, weights: bool = True) -> str:
     """A local directory with the contents of ``location``: itself when local, else a copy in this node's cache
     (:func:`node_cached`), downloaded once per node and reused while the remote listing (names, sizes,
-    modification times) is unchanged.
+    modification times) is unchanged. ``weights=False`` copies everything but weight files (a tokenizer, a
+    config).
 
     Raises:
         FileNotFoundError: ``location`` holds no files (or, with ``marker``, is not a complete output).
+        RuntimeError: ``location`` changed while it was being copied (nothing is cached; run again).
     """
     if not is_uri(location):
         return absolute(location)
-    files = list_files(location)
-    if not files or (marker is not None and not is_complete(location, marker)):
+    wanted = listing(location)
+    if not weights:
+        wanted = [entry for entry in wanted if not entry[0].endswith(WEIGHT_SUFFIXES)]
+    if not wanted or (marker is not None and not is_complete(location, marker)):
         raise FileNotFoundError(f"{location}: no such directory (or an incomplete output: no {marker})"
                                 if marker else f"{location}: no such directory, or it holds no files")
-    key = hashlib.sha256(json.dumps([location, listing(location)], default=str).encode()).hexdigest()[:20]
-    return str(node_cached(kind, f"{name(location)}-{key}", lambda staging: download_dir(location, staging)))
+    key = hashlib.sha256(json.dumps([location, wanted], default=str).encode()).hexdigest()[:20]
+
+    def download(staging: Path) -> None:
+        for relative, _, _ in wanted:
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open_input(join(location, relative)) as source, open(destination, "wb") as sink:
+                shutil.copyfileobj(source, sink, length=8 << 20)
+        now = {entry for entry in listing(location) if entry[0] in {w[0] for w in wanted}}
+        if now != set(wanted):  # a publish replaced it meanwhile: a copy of two versions must not be cached
+            raise RuntimeError(f"{location} changed while it was being copied to this node; run again")
+
+    return str(node_cached(kind, f"{name(location)}-{key}", download))

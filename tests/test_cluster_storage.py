@@ -59,7 +59,7 @@ def test_a_run_directory_only_the_head_sees_fails_at_once_naming_the_node(cluste
     seconds = time.perf_counter() - started
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 3, result.stderr[-3000:]
+    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 5, result.stderr[-3000:]
     assert re.search(rf"train.output_dir: {run_dir} \(a local path\) is not visible on node \S+ \(node id "
                      r"[0-9a-f]{8}: not found there\)", errors[0]), errors[0]
     assert "s3://" in errors[0] and "shared volume" in errors[0]
@@ -112,7 +112,7 @@ def test_bucket_only_run_prepare_train_export_eval_across_two_nodes_and_a_killed
     started = time.perf_counter()
     train = _cli(cluster, ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--output-dir", run,
                            f"data.inputs=[{data}]", "train.cpus_per_worker=1", "train.checkpoint_every_steps=10",
-                           "train.max_failures=2"], workdir)
+                           "train.max_steps=60", "train.max_failures=2"], workdir)
     train_seconds = time.perf_counter() - started
     killer.join(timeout=5)
     assert train.returncode == 0, train.stderr[-4000:]
@@ -120,12 +120,12 @@ def test_bucket_only_run_prepare_train_export_eval_across_two_nodes_and_a_killed
     assert psutil.pid_exists(killed[0]) is False or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
 
     result = json.loads(storage.read_text(f"{run}/train_result.json"))
-    assert result["step"] == 40 and result["resumed_from_step"] in (10, 20, 30)
+    assert result["step"] == 60 and result["resumed_from_step"] in (10, 20, 30, 40, 50)
     assert result["checkpoint_dir"].startswith(f"{run}/tiny_cpu/checkpoint_")  # the scheme is kept
     assert result["export_check_passed"] is True
     from test_training import _expected_data_sha
 
-    assert result["data_sha"] == _expected_data_sha(f"{run}/prepared_tiny_cpu", steps=40, world_size=2,
+    assert result["data_sha"] == _expected_data_sha(f"{run}/prepared_tiny_cpu", steps=60, world_size=2,
                                                     micro_batch_size=4, seed=0)
     final = f"{run}/final"
     assert storage.is_complete(final, "lookahead_config.yaml")
@@ -149,6 +149,6 @@ def test_bucket_only_run_prepare_train_export_eval_across_two_nodes_and_a_killed
     # Nothing was written outside the bucket but the nodes' caches (and Ray's own session directory).
     assert not list(workdir.iterdir())
     assert sorted(p.name for p in cluster.hidden.iterdir()) == ["node-cache"]
-    print(f"two nodes: cluster start {cluster.start_seconds:.0f} s, train (prepare, 40 steps, a worker killed on "
+    print(f"two nodes: cluster start {cluster.start_seconds:.0f} s, train (prepare, 60 steps, a worker killed on "
           f"node 2, export) {train_seconds:.0f} s, eval {eval_seconds:.0f} s; bucket: "
           f"{len(storage.list_files(base))} objects")

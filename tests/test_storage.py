@@ -3,6 +3,7 @@ round-trips through a URI, outputs appear only complete, and nothing this tool d
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from pathlib import Path
@@ -41,6 +42,18 @@ def test_locations_keep_their_scheme_and_local_paths_become_absolute(tmp_path, m
     assert storage.location_of(pafs.LocalFileSystem(), "/x/y") == "/x/y"
 
 
+def test_a_glob_over_a_bucket_matches_as_a_local_glob_does(prefix, tmp_path):
+    for name in ("a.jsonl", "old/b.jsonl", ".hidden.jsonl", "old/deeper/c.jsonl", "notes.txt"):
+        storage.write_text(f"{prefix}/data/{name}", "{}\n")
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_text("{}\n")
+    for pattern in ("*.jsonl", "**/*.jsonl", "old/*.jsonl", "*/*/*.jsonl"):
+        remote = [f.removeprefix(f"{prefix}/data/") for f in storage.glob(f"{prefix}/data/{pattern}")]
+        local = [f.removeprefix(f"{tmp_path}/data/") for f in storage.glob(f"{tmp_path}/data/{pattern}")]
+        assert remote == local, pattern
+    assert storage.glob(f"{prefix}/data/*.jsonl") == [f"{prefix}/data/a.jsonl"]
+
+
 def test_a_file_appears_whole_or_not_at_all(prefix):
     target = f"{prefix}/results.json"
     with pytest.raises(RuntimeError), storage.atomic_file(target) as f:
@@ -51,7 +64,7 @@ def test_a_file_appears_whole_or_not_at_all(prefix):
     assert json.loads(storage.read_text(target)) == {"ok": 1}
 
 
-def test_publish_replaces_only_marked_outputs_and_the_marker_comes_last(prefix, tmp_path):
+def test_publish_replaces_only_marked_outputs_and_the_marker_comes_last(prefix, tmp_path, monkeypatch):
     target = f"{prefix}/final"
     for version in ("v1", "v2"):
         staging = tmp_path / version
@@ -60,17 +73,28 @@ def test_publish_replaces_only_marked_outputs_and_the_marker_comes_last(prefix, 
         (staging / "sub" / f"only-in-{version}.txt").write_text(version)
         (staging / "marker.yaml").write_text(version)
         storage.check_output_dir(target, "marker.yaml", "train.output_dir")
+        uploads: list[str] = []
+        monkeypatch.setattr(storage, "upload_file", functools.partial(_recording_upload, uploads, storage.upload_file))
         assert storage.publish_dir(staging, target, marker="marker.yaml") == target
+        monkeypatch.undo()
+        assert uploads[-1] == "marker.yaml"  # the output is complete only once everything else is there
         assert storage.is_complete(target, "marker.yaml")
         assert storage.read_text(f"{target}/weights.bin") == version
     assert sorted(_objects(target)) == ["marker.yaml", "sub/only-in-v2.txt", "weights.bin"]  # v1's files are gone
     assert not [f for f in storage.list_files(prefix) if ".tmp-" in f]  # staging prefixes removed
 
+    with pytest.raises(ConfigError, match="a bucket's root"):
+        storage.check_output_dir("s3://lookahead-test", "marker.yaml", "data.output_dir")
     foreign = f"{prefix}/theirs"
     storage.write_text(f"{foreign}/notes.txt", "not ours")
     with pytest.raises(ConfigError, match="did not write .no marker.yaml.; refusing to replace"):
         storage.check_output_dir(foreign, "marker.yaml", "train.output_dir")
     assert storage.read_text(f"{foreign}/notes.txt") == "not ours"
+
+
+def _recording_upload(uploads: list[str], upload, local: str, remote: str) -> None:
+    uploads.append(storage.name(remote))
+    upload(local, remote)
 
 
 def test_an_interrupted_publish_is_incomplete_and_ours_to_replace(prefix, tmp_path):
@@ -89,9 +113,15 @@ def test_an_interrupted_publish_is_incomplete_and_ours_to_replace(prefix, tmp_pa
 def test_a_remote_directory_is_copied_once_per_node_and_again_when_it_changes(prefix, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(tmp_path / "cache"))
     storage.write_text(f"{prefix}/model/config.json", "{}")
+    storage.write_text(f"{prefix}/model/model.safetensors", "weights")
+    reads = []
+    real_open = storage.open_input
+    monkeypatch.setattr(storage, "open_input", lambda location, **kw: reads.append(location) or real_open(location, **kw))
     first = storage.local_copy(f"{prefix}/model", "models")
-    assert Path(first, "config.json").read_text() == "{}"
-    assert storage.local_copy(f"{prefix}/model", "models") == first  # the cached copy, not a second download
+    assert Path(first, "config.json").read_text() == "{}" and len(reads) == 2
+    assert storage.local_copy(f"{prefix}/model", "models") == first and len(reads) == 2  # cached: no download
+    tokenizer_only = storage.local_copy(f"{prefix}/model", "tokenizers", weights=False)
+    assert sorted(p.name for p in Path(tokenizer_only).iterdir()) == [".lookahead-complete", "config.json"]
     storage.write_text(f"{prefix}/model/config.json", '{"changed": true}')
     second = storage.local_copy(f"{prefix}/model", "models")
     assert second != first and json.loads(Path(second, "config.json").read_text()) == {"changed": True}
@@ -130,30 +160,38 @@ def test_prepare_reads_inputs_from_the_bucket_and_its_write_tasks_write_the_shar
         run_prepare(replace(cfg, data=replace(cfg.data, output_dir=f"{prefix}/foreign")))
 
 
-def test_training_rows_from_a_bucket_come_in_the_canonical_order_of_a_local_copy(prefix, tmp_path, monkeypatch):
-    """The token data a worker trains on is the same from s3:// as from a local directory (same rows, same
-    order), built into the node cache once, shard by shard."""
+def test_training_rows_from_a_bucket_come_in_the_canonical_order_the_old_token_file_had(prefix, tmp_path,
+                                                                                          monkeypatch):
+    """The rows a worker trains on, from s3:// or a local directory: the order the single token file built on
+    the driver had (every shard concatenated, sorted by input file and row), without building it."""
     import pyarrow as pa
 
-    from lookahead_ray.train.data_order import TokenStore
+    from lookahead_ray.train.data_order import SORT_KEYS, TokenStore
 
     monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(tmp_path / "cache"))
     local = tmp_path / "prepared"
     local.mkdir()
+    rng = __import__("random").Random(0)
+    keys = [(f"/data/{name}.jsonl", row) for name in ("b", "a", "c") for row in range(1, 40)]
+    rng.shuffle(keys)  # rows spread over shards in no order, as Ray's write tasks spread them
     shards = []
-    for shard, rows in (("part-1.parquet", [("b.jsonl", 2), ("a.jsonl", 1)]), ("part-0.parquet", [("b.jsonl", 1)])):
-        pq.write_table(pa.table({"source_file": [f for f, _ in rows], "source_row": [r for _, r in rows],
-                                 "input_ids": [[r, 7] for _, r in rows], "attention_mask": [[1, 1] for _ in rows],
-                                 "labels": [[-100, 7] for _ in rows]}), local / shard)
-        shards.append(shard)
-    (local / "prepare_report.json").write_text(json.dumps({"shards": shards, "rows_written": 3}))
+    for number, start in enumerate(range(0, len(keys), 25)):
+        part = keys[start:start + 25]
+        pq.write_table(pa.table({"source_file": [f for f, _ in part], "source_row": [r for _, r in part],
+                                 "input_ids": [[1000 * "abc".index(f[-7]) + r, r] for f, r in part],  # distinct
+                                 "attention_mask": [[1, 1] for _ in part], "labels": [[-100, r] for _, r in part]}),
+                       local / f"part-{9 - number}.parquet")
+        shards.append(f"part-{9 - number}.parquet")
+    (local / "prepare_report.json").write_text(json.dumps({"shards": shards, "rows_written": len(keys)}))
     storage.upload_dir(local, f"{prefix}/prepared")
+    old = pa.concat_tables(pq.read_table(local / s) for s in sorted(shards)).sort_by(SORT_KEYS)
+    expected = old.select(["input_ids", "attention_mask", "labels"]).to_pydict()
+    indices = list(range(len(keys)))
     remote, here = TokenStore(f"{prefix}/prepared"), TokenStore(str(local))
-    assert len(remote) == len(here) == 3
-    order = remote.batch([0, 1, 2])
-    assert order == here.batch([0, 1, 2])
-    assert order["input_ids"] == [[1, 7], [1, 7], [2, 7]]  # a.jsonl:1, b.jsonl:1, b.jsonl:2
-    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 4  # 2 entries and their lock files
+    assert len(remote) == len(here) == len(keys)
+    assert remote.batch(indices) == here.batch(indices) == expected
+    assert remote.batch([5, 0]) == {k: [v[5], v[0]] for k, v in expected.items()}
+    assert len([p for p in (tmp_path / "cache" / "tokens").iterdir() if not p.name.startswith(".")]) == 2
 
 
 def test_preview_reads_and_writes_uris(prefix, tiny_tokenizer):

@@ -34,7 +34,7 @@ from lookahead_ray.data.report import REPORT_NAME, PrepareReport
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
 from lookahead_ray.errors import ConfigError, RowError
-from lookahead_ray.runtime import check_resources
+from lookahead_ray.runtime import check_resources, check_visible_on_every_node
 
 READ_CPUS = 0.5
 _MAX_EXAMPLES = 20
@@ -60,17 +60,23 @@ class PreparedShardsDatasink(Datasink):
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         counts = _empty_counts()
+        opened: list[Any] = []  # the shard's ParquetWriter and its output stream, once open
         try:
-            self._write_blocks(blocks, ctx, counts)
+            self._write_blocks(blocks, ctx, counts, opened)
         except BaseException:
-            for name in counts["shards"]:  # no footerless Parquet may reach the published directory
+            # No partial shard may reach the published output: close what is open first (an object-store stream
+            # left to the garbage collector would complete its upload later), then delete it.
+            for handle in opened:
+                with contextlib.suppress(Exception):
+                    handle.close()
+            for name in counts["shards"]:
                 with contextlib.suppress(OSError):
                     fs, path = storage.resolve(storage.join(self.staging_dir, name))
                     fs.delete_file(path)
             raise
         return counts
 
-    def _write_blocks(self, blocks: Iterable[Block], ctx: Any, counts: dict[str, Any]) -> None:
+    def _write_blocks(self, blocks: Iterable[Block], ctx: Any, counts: dict[str, Any], opened: list[Any]) -> None:
         writer, sink = None, None
         fs, staging = storage.resolve(self.staging_dir)
         for block in blocks:
@@ -101,6 +107,7 @@ class PreparedShardsDatasink(Datasink):
                 counts["shards"].append(name)
                 sink = fs.open_output_stream(f"{staging}/{name}")
                 writer = pq.ParquetWriter(sink, kept.schema)
+                opened += [writer, sink]
             writer.write_table(kept)
         if writer is not None:
             writer.close()
@@ -183,7 +190,11 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     start = time.perf_counter()
     output = storage.absolute(cfg.stage_dir("prepare"))
     input_dirs = [storage.absolute(spec) for spec in cfg.data.inputs if storage.is_dir(spec)]
-    storage.check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=expand_inputs(cfg.data) + input_dirs)
+    files = expand_inputs(cfg.data)
+    storage.check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=files + input_dirs)
+    # Ray Data's write tasks write here and its read tasks read the inputs, on whichever node they run.
+    check_visible_on_every_node({"data.output_dir": storage.parent(output)},
+                                {f"data.inputs ({storage.name(f)})": f for f in files[:20]})
     console.use_output_dir(storage.parent(output))  # beside the shards: the output is replaced as a whole
     console.quiet_libraries()
     ds, files = transformed_dataset(cfg)

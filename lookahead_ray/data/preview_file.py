@@ -8,6 +8,7 @@ chunks over worker processes, writes atomically and names file, line and field i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import deque
@@ -66,7 +67,7 @@ def _parse_jsonl(path: str, lines: list[int], raw: list[bytes]) -> list[Any]:
 
 def _read_json_chunks(path: str) -> Iterator[tuple[list[int], list[Any]]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(storage.open_input(path), encoding="utf-8") as f:
             data = json.load(f)
     except UnicodeDecodeError as exc:
         raise RowError("invalid_utf8", None, str(exc), path, None) from None

@@ -50,18 +50,24 @@ def _convert_shards(prepared_dir: str, shards: list[str], staging: Path) -> None
 
     if not shards:
         raise ConfigError(f"train.prepared_dir: {prepared_dir} holds no shards (was every row rejected?)")
-    keys = []
+    files: dict[str, int] = {}  # source file -> code: the keys cost 12 bytes a row, not a path string each
+    codes, rows = [], []
     for index, shard in enumerate(sorted(shards)):
         with storage.open_input(storage.join(prepared_dir, shard), native=True) as f:
             parquet = pq.ParquetFile(f)
             schema = pa.schema([parquet.schema_arrow.field(c) for c in TOKEN_COLUMNS])
-            with pa.OSFile(str(staging / f"{index:05d}.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            with pa.OSFile(str(staging / f"{index:08d}.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for batch in parquet.iter_batches(columns=["source_file", "source_row", *TOKEN_COLUMNS]):
                     writer.write_batch(batch.select(TOKEN_COLUMNS))
-                    keys.append(batch.select(["source_file", "source_row"]))
-    table = pa.Table.from_batches(keys)
-    order = pc.sort_indices(table, sort_keys=SORT_KEYS).to_numpy()
-    np.save(staging / ORDER_FILE, order.astype(np.int64))
+                    encoded = pc.dictionary_encode(batch.column("source_file"))
+                    local = np.array([files.setdefault(f, len(files)) for f in encoded.dictionary.to_pylist()],
+                                     dtype=np.int32)
+                    codes.append(local[encoded.indices.to_numpy(zero_copy_only=False)])
+                    rows.append(batch.column("source_row").to_numpy(zero_copy_only=False))
+    rank = np.empty(len(files), dtype=np.int32)  # codes -> the files' sorted order
+    rank[[files[f] for f in sorted(files)]] = np.arange(len(files), dtype=np.int32)
+    file_rank, source_row = rank[np.concatenate(codes)], np.concatenate(rows)
+    np.save(staging / ORDER_FILE, np.lexsort((source_row, file_rank)).astype(np.int64))  # stable, as sort_by
 
 
 def write_token_file(table: Any, target: str) -> str:
@@ -89,8 +95,8 @@ class TokenStore:
             self.table = pa.ipc.open_file(pa.memory_map(source, "r")).read_all()
             return
         directory = Path(node_token_cache(source))
-        files = sorted(directory.glob("*.arrow"))
-        self.table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all() for f in files)
+        shards = sorted(directory.glob("*.arrow"), key=lambda f: int(f.stem))  # the order ORDER_FILE indexes
+        self.table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all() for f in shards)
         self.order = np.load(directory / ORDER_FILE, mmap_mode="r")
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError, ExportMismatchError
-from lookahead_ray.train.run_guard import check_run, mark_finished
+from lookahead_ray.train.run_guard import check_run, finished_run, mark_finished
 
 logger = logging.getLogger(__name__)
 FINAL_DIR = "final"
@@ -178,6 +178,9 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
 
     train, output_dir = cfg.train, train_dir(cfg)
     storage_path = storage.absolute(train.storage_path or output_dir)
+    finished = finished_run(cfg, output_dir)  # read only: a finished run starts nothing, not even Ray
+    if finished:
+        return _finished(cfg, output_dir, finished["metrics"])
     console.use_output_dir(output_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
     check_visible_on_every_node(*run_locations(cfg))  # before anything is written there
@@ -306,7 +309,10 @@ def _rows(tokens: str) -> int:
     from lookahead_ray.data.report import prepared_rows
     from lookahead_ray.train.data_order import TokenStore
 
-    return len(TokenStore(tokens)) if tokens.endswith(".arrow") else prepared_rows(tokens)
+    rows = len(TokenStore(tokens)) if tokens.endswith(".arrow") else prepared_rows(tokens)
+    if not rows:
+        raise ConfigError(f"train.prepared_dir: {tokens} holds no training rows (was every row rejected?)")
+    return rows
 
 
 def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
@@ -324,7 +330,7 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
     files = expand_inputs(cfg.data)  # sorted, rows in file order: the canonical order of data_order
     rows: list[dict[str, Any]] = []
     for file in files:
-        with open(file, "rb") as f:
+        with storage.open_input(file) as f:
             for table in reader.tables(f, file, file_format(file, cfg.data.input_format)):
                 rows += transform(table).to_pylist()
     _write_row_report(cfg, output_dir, files, rows)

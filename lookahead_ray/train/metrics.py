@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from lookahead_ray.config import TrainConfig
 
+logger = logging.getLogger(__name__)
 SYNC_SECONDS = 60.0
 WRITTEN_METRICS = ("loss", "learning_rate", "tokens_per_second", "step_seconds", "epoch")
 
@@ -114,8 +116,12 @@ class MetricWriters:
         from lookahead_ray import storage
 
         self.tensorboard.flush()
-        storage.upload_dir(self.local, self.remote)
         self.synced = time.monotonic()
+        try:
+            storage.upload_dir(self.local, self.remote)
+        except Exception as exc:  # noqa: BLE001 - a convenience upload never fails a training run
+            logger.warning("could not upload TensorBoard events to %s (%s); next try in %.0f s", self.remote, exc,
+                           SYNC_SECONDS)
 
     def close(self) -> None:
         self.tensorboard.close()

@@ -235,6 +235,8 @@ def _stand_in_model(cfg: LookaheadConfig, tokenizer: Any) -> Any:
         return build_model(cfg.model, tokenizer, cfg.train.seed)
     vocab = len(tokenizer) if tokenizer is not None else 1024
     source = cfg.model.name_or_path
+    if source and storage.is_uri(source):
+        source = storage.local_copy(source, "tokenizers", weights=False)  # its config.json, not its weights
     if source and (Path(source).expanduser().is_dir() or _hub_cached(source, "config.json")):
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
         for key, value in STAND_IN.items():

@@ -77,6 +77,17 @@ def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, A
     return None
 
 
+def finished_run(cfg: LookaheadConfig, train_dir: str) -> dict[str, Any] | None:
+    """The record of a run of this name that finished with these settings (nothing to train), else None.
+    Reads only: :func:`check_run` decides everything else."""
+    path = record_path(train_dir, cfg.train.run_name)
+    if cfg.train.resume == "never" or not storage.is_file(path):
+        return None
+    record = json.loads(storage.read_text(path))
+    finished = record.get("finished") and record["settings_hash"] == settings_hash(training_settings(cfg))
+    return record if finished else None
+
+
 def mark_finished(cfg: LookaheadConfig, train_dir: str, metrics: dict[str, Any]) -> None:
     path = record_path(train_dir, cfg.train.run_name)
     record = json.loads(storage.read_text(path))
