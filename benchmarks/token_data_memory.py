@@ -12,6 +12,7 @@ measured mean (228 tokens with the Llama-2 chat template and real preview). Each
 peak RSS is that process's ``ru_maxrss``.
 
 Variants:
+  imports            the modules the other variants import, nothing read: the floor of every peak below
   before             what the driver did at every start, resumes included: every shard's token columns
                      concatenated, sorted into canonical order and written to one Arrow file
   after-driver       what the driver does now: read the row count from prepare_report.json
@@ -32,6 +33,13 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {
+    "imports": """
+import pyarrow as pa, pyarrow.parquet as pq
+from lookahead_ray.data.report import prepared_rows
+from lookahead_ray.data.transform import TOKEN_COLUMNS
+from lookahead_ray.train.data_order import TokenStore
+rows = 0
+""",
     "before": """
 import pyarrow as pa, pyarrow.parquet as pq
 from pathlib import Path
@@ -48,6 +56,7 @@ from lookahead_ray.data.report import prepared_rows
 rows = prepared_rows(PREPARED)
 """,
     "after-node-cache": """
+import os
 os.environ["LOOKAHEAD_RAY_CACHE"] = OUT + "/cache"
 from lookahead_ray.train.data_order import TokenStore, epoch_batches
 store = TokenStore(PREPARED)
@@ -111,7 +120,9 @@ def main() -> None:
         for name in args.variants.split(","):
             results[name] = run_variant(name, prepared, Path(scratch, name))
             r = results[name]
-            ratio = (f"  {r['peak_rss_mb'] / results['before']['peak_rss_mb']:.3f}x before's peak"
+            base = results.get("imports", {}).get("peak_rss_mb", 0.0)
+            ratio = (f"; above the imports {r['peak_rss_mb'] - base:,.0f} MiB = "
+                     f"{(r['peak_rss_mb'] - base) / max(results['before']['peak_rss_mb'] - base, 1):.4f}x before's"
                      if "before" in results and name != "before" else "")
             print(f"{name:<17} peak RSS {r['peak_rss_mb']:9,.0f} MiB  {r['seconds']:7.1f} s  rows {r['rows']:,}{ratio}")
 

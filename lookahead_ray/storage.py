@@ -117,15 +117,6 @@ def resolve(location: str) -> tuple[Any, str]:
     return fs, path
 
 
-def location_of(filesystem: Any, path: str) -> str:
-    """The location string (with its scheme) of ``path`` on ``filesystem`` (e.g. a Ray ``Checkpoint``'s)."""
-    type_name = getattr(filesystem, "type_name", "local")
-    if type_name == "local" or filesystem is None:
-        return path
-    scheme = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}.get(type_name, type_name)
-    return f"{scheme}://{path.lstrip('/')}"
-
-
 def _info(location: str) -> Any:
     fs, path = resolve(location)
     return fs.get_file_info(path)

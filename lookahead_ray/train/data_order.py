@@ -85,26 +85,43 @@ class TokenStore:
     """The run's examples, memory-mapped, in canonical order: rows are taken by index without loading them.
 
     ``source`` is a ``prepare`` output (local path or URI: see :func:`node_token_cache`) or one Arrow file
-    already in training order (the single-process path)."""
+    already in training order (the single-process path). Rows are taken from each memory-mapped record batch
+    separately: Arrow's ``take`` on a table of many chunks first concatenates them, which here would copy the
+    whole token data into memory for every micro-batch."""
 
     def __init__(self, source: str):
         import pyarrow as pa
 
         self.order: np.ndarray | None = None
         if source.endswith(".arrow"):
-            self.table = pa.ipc.open_file(pa.memory_map(source, "r")).read_all()
-            return
-        directory = Path(node_token_cache(source))
-        shards = sorted(directory.glob("*.arrow"), key=lambda f: int(f.stem))  # the order ORDER_FILE indexes
-        self.table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all() for f in shards)
-        self.order = np.load(directory / ORDER_FILE, mmap_mode="r")
+            files = [source]
+        else:
+            directory = Path(node_token_cache(source))
+            files = sorted(directory.glob("*.arrow"), key=lambda f: int(f.stem))  # the order ORDER_FILE indexes
+            self.order = np.load(directory / ORDER_FILE, mmap_mode="r")
+        self.batches = []
+        for file in files:
+            reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
+            self.batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
 
     def batch(self, indices: np.ndarray) -> dict[str, list]:
-        physical = np.asarray(indices) if self.order is None else self.order[np.asarray(indices)]
-        return self.table.take(physical).to_pydict()
+        physical = np.asarray(indices, dtype=np.int64)
+        if self.order is not None:
+            physical = np.asarray(self.order[physical])
+        which = np.searchsorted(self.starts, physical, side="right") - 1
+        columns = self.batches[0].schema.names
+        out: dict[str, list] = {name: [None] * len(physical) for name in columns}
+        for part in np.unique(which):
+            positions = np.nonzero(which == part)[0]
+            taken = self.batches[part].take(physical[positions] - self.starts[part]).to_pydict()
+            for name in columns:
+                for position, value in zip(positions, taken[name], strict=True):
+                    out[name][position] = value
+        return out
 
 
 def epoch_batches(num_rows: int, epoch: int, seed: int, rank: int, world_size: int,

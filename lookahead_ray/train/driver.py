@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -205,7 +206,8 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
-    checkpoint = storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)
+    # Where Ray Train put it, with the scheme (its Checkpoint.path has the filesystem's prefix stripped).
+    checkpoint = storage.join(storage_path, train.run_name, posixpath.basename(result.checkpoint.path.rstrip("/")))
     with result.checkpoint.as_directory() as checkpoint_dir:
         final = _publish_export(checkpoint_dir, output_dir, metrics, checkpoint, train.verify_export)
     metrics["checkpoint_dir"] = checkpoint

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from lookahead_ray import storage
 from lookahead_ray.storage import publish_dir, staging_path
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class LocalWorkerIO:
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        yield str(self.checkpoints[-1]) if self.checkpoints else self.resume_from
+        if self.checkpoints:
+            yield str(self.checkpoints[-1])
+        else:  # a URI is read from this machine's cached copy
+            yield storage.local_copy(self.resume_from, "checkpoints") if self.resume_from else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         self.metrics.append(metrics)
