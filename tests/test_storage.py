@@ -222,3 +222,17 @@ def test_tune_tables_and_best_yaml_round_trip_through_a_uri(prefix):
     assert yaml.safe_load(storage.read_text(best))["preview"]["num_answer_tokens"] == 2
     assert "real m=2" in storage.read_text(f"{prefix}/search/trials.md")
     assert storage.read_bytes(f"{prefix}/search/pareto.png")[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_run_resumes_from_a_checkpoint_in_the_bucket(ray_local, prefix, tmp_path):
+    from test_training import _cfg
+
+    from lookahead_ray.train.driver import run_training, run_training_local
+
+    first = run_training_local(_cfg(tmp_path, "train.max_steps=8", "train.run_name=short"))
+    storage.upload_dir(first.checkpoint_dir, f"{prefix}/checkpoint")
+    longer = run_training(_cfg(tmp_path, "train.max_steps=12", "train.run_name=longer", "train.num_workers=1",
+                               f"train.resume_from={prefix}/checkpoint"))
+    assert longer.metrics["resumed_from_step"] == 8 and longer.metrics["step"] == 12

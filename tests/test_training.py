@@ -70,6 +70,27 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path(ray_local, tmp_path, stage):
+    """The branch a real run takes: a model saved with save_pretrained and loaded by every worker through
+    model.name_or_path (under ZeRO-3 transformers partitions it while loading, through HfDeepSpeedConfig)."""
+    from lookahead_ray.modeling import build_model, tokenizer_for
+    from lookahead_ray.train.driver import run_training
+
+    tiny = _cfg(tmp_path)
+    tokenizer = tokenizer_for(tiny.model)
+    build_model(tiny.model, tokenizer, seed=0).save_pretrained(tmp_path / "seed")
+    tokenizer.save_pretrained(tmp_path / "seed")
+    result = run_training(_cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'seed'}",
+                               "model.tokenizer=null", f"train.zero_stage={stage}", "train.precision=fp32"))
+    metrics = result.metrics
+    assert metrics["step"] == 16 and metrics["loss"] < 0.8 * metrics["initial_loss"]
+    assert metrics["export_check_passed"] is True and metrics["param_dtype"] == "float32"
+    _check_export(result, "fp32")
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tmp_path):
     import psutil
@@ -220,3 +241,29 @@ def test_missing_model_path_fails_before_ray(tmp_path):
     cfg = _cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'no-such-model'}")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         run_training(cfg)
+
+
+@pytest.mark.timeout(300)
+def test_use_gpu_without_a_visible_gpu_fails_naming_the_node(tmp_path):
+    import socket
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: nothing to refuse")
+
+    from lookahead_ray.errors import ConfigError
+    from lookahead_ray.train.driver import run_training_local
+
+    with pytest.raises(ConfigError, match=f"no CUDA device is visible on node {socket.gethostname()}"):
+        run_training_local(_cfg(tmp_path, "train.use_gpu=true", "train.max_steps=2"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_error_the_user_can_fix_raised_in_a_worker_reaches_the_driver_as_itself(ray_local, tmp_path):
+    from lookahead_ray.errors import ConfigError
+    from lookahead_ray.train.driver import run_training
+
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: \d+ training rows give worker \d no micro-batch"):
+        run_training(_cfg(tmp_path, "train.micro_batch_size=512", "train.max_steps=2", "train.max_failures=0"))

@@ -21,7 +21,7 @@ from typing import Any
 
 from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.errors import ConfigError, ExportMismatchError
+from lookahead_ray.errors import ConfigError, ExportMismatchError, LookaheadError
 from lookahead_ray.train.run_guard import check_run, finished_run, mark_finished
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,13 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
                                 callbacks=callbacks, progress=board)
         logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
                     train.precision)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray Train raises the workers' failure itself
+            user = _user_error(exc)
+            if user is None:
+                raise
+            raise user from None
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -214,6 +220,16 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainRe
     _write_result(output_dir, metrics)
     mark_finished(cfg, output_dir, metrics)
     return TrainResult(final, checkpoint, metrics)
+
+
+def _user_error(error: BaseException) -> LookaheadError | None:
+    """An error the user can fix (bad config, missing GPU) that a worker raised: shown as the one line it is, not
+    as Ray Train's worker-group failure."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        for candidate in (failure, failure.__cause__, getattr(failure, "cause", None)):
+            if isinstance(candidate, LookaheadError):
+                return candidate.with_traceback(None)
+    return None
 
 
 def run_locations(cfg: LookaheadConfig) -> tuple[dict[str, str], dict[str, str]]:

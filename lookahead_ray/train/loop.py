@@ -97,19 +97,37 @@ def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tup
     """The tokenizer, the model (loaded or built) and its DeepSpeed engine on this worker's device."""
     train = cfg.train
     on_gpu, device = init_device(train.use_gpu, world_size)
+    if train.use_gpu and not on_gpu:  # training a 7B model on this node's CPU instead would "work" for days
+        import socket
+
+        raise ConfigError(f"train.use_gpu: true, but no CUDA device is visible on node {socket.gethostname()} "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the node's "
+                          "GPUs and driver, or set train.use_gpu=false to train on CPU")
     tokenizer = tokenizer_for(cfg.model)
     ds_config = build_deepspeed_config(train, world_size, on_gpu)
-    zero3_context = None
-    if train.zero_stage == 3 and cfg.model.name_or_path is not None:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3_context = HfDeepSpeedConfig(ds_config)  # from_pretrained then partitions weights while loading
-    # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
-    # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
-    model = build_model(cfg.model, tokenizer, train.seed, dtype=torch_dtype(train.precision))
+    model, zero3_context = load_training_model(cfg, tokenizer, ds_config)
     engine = initialize_engine(model, cfg.train, ds_config, total_steps, client_optimizer=not on_gpu)
     del zero3_context
     return engine, tokenizer, device
+
+
+def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """The model to train, and the object that must stay alive until ``deepspeed.initialize``: under ZeRO-3 a
+    checkpoint (``model.name_or_path``) is loaded inside transformers' ``HfDeepSpeedConfig``, so from_pretrained
+    partitions the weights while loading instead of building the whole model on every rank."""
+    zero3_context = None
+    if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
+        import deepspeed
+        import torch
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # zero.Init reads the world size from DeepSpeed's communication backend: without it (Ray set up only
+        # torch.distributed) it sees a world of 1 and rejects the batch sizes.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and cfg.train.use_gpu else "gloo")
+        zero3_context = HfDeepSpeedConfig(ds_config)
+    # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
+    # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
+    return build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch_dtype(cfg.train.precision)), zero3_context
 
 
 def init_device(use_gpu: bool, world_size: int) -> tuple[bool, Any]:

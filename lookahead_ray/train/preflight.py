@@ -10,8 +10,9 @@ data on cluster storage) are warnings, failures with ``--strict``.
 from __future__ import annotations
 
 import copy
+import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,16 +175,22 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
 
     from lookahead_ray.modeling import torch_dtype
     from lookahead_ray.train.deepspeed_config import build_deepspeed_config
-    from lookahead_ray.train.loop import init_device, initialize_engine
+    from lookahead_ray.train.loop import init_device, initialize_engine, load_training_model
 
     train = cfg.train
     on_gpu, device = init_device(train.use_gpu, world_size=1)
     ds_config = _single_worker_config(build_deepspeed_config(train, 1, on_gpu=train.use_gpu), on_gpu)
     client_optimizer = "optimizer" not in ds_config
-    model = _stand_in_model(cfg, tokenizer).to(torch_dtype(train.precision))
     steps = 2
-    engine = initialize_engine(model, train, ds_config, total_steps=max(steps, train.max_steps or 100),
-                               client_optimizer=client_optimizer)
+    with tempfile.TemporaryDirectory(prefix="lookahead-stand-in-") as directory:
+        # The branch a real run takes: the stand-in saved with save_pretrained and loaded through
+        # model.name_or_path (under ZeRO-3: partitioned while loading).
+        _stand_in_model(cfg, tokenizer).to(torch_dtype(train.precision)).save_pretrained(directory)
+        stand_in = replace(cfg, model=replace(cfg.model, name_or_path=directory, tiny=None))
+        model, zero3_context = load_training_model(stand_in, tokenizer, ds_config)
+        engine = initialize_engine(model, train, ds_config, total_steps=max(steps, train.max_steps or 100),
+                                   client_optimizer=client_optimizer)
+        del zero3_context
     vocab = engine.module.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     losses, lrs = [], []
