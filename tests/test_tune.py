@@ -110,6 +110,8 @@ def test_tiny_search_runs_keeps_failed_trials_resumes_and_writes_a_trainable_bes
     assert json.loads(seed_eval.read_text())["models"]["seed"]["utility"]["n"] == 8
 
     finished = sorted(out.glob("trials/*/train/train_result.json"))
+    assert len(finished) == 2 and all((p.parent / "final" / "model.safetensors").is_file() for p in finished)
+    assert not [p for p in out.glob("trials/*/train/*/checkpoint_*") if p.is_dir()]  # their export only
     stamps = [p.stat().st_mtime_ns for p in finished]
     assert main(argv + ["--resume"]) == 0  # nothing left to run: finished trials are not run again
     assert [p.stat().st_mtime_ns for p in finished] == stamps

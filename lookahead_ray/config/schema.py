@@ -392,6 +392,9 @@ class SearchConfig:
     cpus_per_trial: float = 0.5
     """The trial's own driver process (Ray Tune cannot give a trial 0 CPUs); its Train workers and Ray Data
     tasks take their resources on top of this."""
+    keep_trial_checkpoints: bool = False
+    """Keep each finished trial's Ray Train checkpoints (the full ZeRO state: ~95 GB for 7B). By default a trial
+    keeps only its final/ export once its eval is done, so a search's disk grows by an export per trial."""
     max_concurrent_trials: int | None = None
     """Default: the cluster's CPUs (GPUs) divided by what one trial takes, at least 1."""
 

@@ -144,8 +144,22 @@ def run_trial(config: dict[str, Any]) -> None:
     result = run_training(cfg, callbacks=[TuneReportCallback()])
     metrics = run_eval(cfg, [("trial", result.final_dir)])["models"]["trial"]
     scored = objective.score(metrics, config["seed_metrics"], cfg.tune.objective)
+    checkpoint = result.checkpoint_dir
+    if not cfg.tune.keep_trial_checkpoints:  # the trial is done: its export stays, the ZeRO states go
+        _remove_checkpoints(storage.join(trial_dir, "train", cfg.train.run_name))
+        checkpoint = "(removed: tune.keep_trial_checkpoints is false)"
     ray.tune.report({**scored, "label": space.label(config["overrides"]), "metrics_json": json.dumps(metrics),
-                     "checkpoint_path": result.checkpoint_dir, "final_dir": result.final_dir})
+                     "checkpoint_path": checkpoint, "final_dir": result.final_dir})
+
+
+def _remove_checkpoints(run_dir: str) -> None:
+    """The ``checkpoint_*`` directories Ray Train wrote for this trial's run (nothing else in it)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(run_dir)
+    for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            storage.remove_tree(storage.join(run_dir, entry.base_name))
 
 
 def progress_line() -> Any:
