@@ -8,8 +8,11 @@ Run by hand (not a test):
 A randomly initialised Llama is saved with ``save_pretrained`` and loaded by each worker through the path a real
 run takes (``train.loop.load_training_model``: ``from_pretrained``, inside transformers' ``HfDeepSpeedConfig`` under
 ZeRO-3), then wrapped by ``deepspeed.initialize`` (``initialize_engine``). Each worker records its RSS before
-loading, after loading and after ``deepspeed.initialize``, and its peak (``ru_maxrss``); per node is the sum of the
-two workers (both run on this machine). Printed against the checkpoint's size on disk, with ZeRO-3 / ZeRO-2 ratios.
+loading, after loading and after ``deepspeed.initialize``, its USS (memory only it holds: a memory-mapped
+checkpoint's pages are the node's shared page cache, counted in RSS) and its peak RSS (``ru_maxrss``); per node is
+the sum of the two workers (both run on this machine). On CPU the engine's weights and optimizer states are host
+memory too, so "initialized" is the whole training state, not only what loading costs. Printed against the
+checkpoint's size on disk, with ZeRO-3 / ZeRO-2 ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def measure(config: dict) -> None:
     def rss() -> float:
         return psutil.Process().memory_info().rss / 2**20
 
+    def uss() -> float:  # memory only this process holds: not the page cache of a memory-mapped checkpoint
+        return psutil.Process().memory_full_info().uss / 2**20
+
     cfg = LookaheadConfig.from_dict(config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -45,12 +51,13 @@ def measure(config: dict) -> None:
     ds_config = build_deepspeed_config(cfg.train, world, on_gpu=False)
     before = rss()
     model, zero3 = load_training_model(cfg, None, ds_config)
-    loaded = rss()
+    loaded, loaded_uss = rss(), uss()
     engine = initialize_engine(model, cfg.train, ds_config, total_steps=10, client_optimizer=True)
     del zero3
-    wrapped = rss()
+    wrapped, wrapped_uss = rss(), uss()
     local = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())  # ZeRO-3: this rank's part
     record = {"rank": rank, "before_mb": before, "loaded_mb": loaded, "initialized_mb": wrapped,
+              "loaded_uss_mb": loaded_uss, "initialized_uss_mb": wrapped_uss,
               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "local_parameters": local}
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
     ray.train.report({"done": 1})
@@ -102,9 +109,10 @@ def main() -> None:
     for stage, ranks in results.items():
         for r in ranks:
             print(f"ZeRO-{stage} rank {r['rank']}: before {r['before_mb']:6,.0f}  loaded {r['loaded_mb']:6,.0f}  "
-                  f"initialized {r['initialized_mb']:6,.0f}  peak {r['peak_mb']:6,.0f} MiB ({r['peak_mb'] / size:.2f}x "
+                  f"initialized {r['initialized_mb']:6,.0f} (USS: loaded {r['loaded_uss_mb']:6,.0f}, initialized "
+                  f"{r['initialized_uss_mb']:6,.0f})  peak {r['peak_mb']:6,.0f} MiB ({r['peak_mb'] / size:.2f}x "
                   f"the checkpoint)  parameters held {r['local_parameters'] / 1e9:.3f} B")
-    for what in ("peak_mb", "initialized_mb"):
+    for what in ("peak_mb", "loaded_uss_mb", "initialized_uss_mb"):
         worker = {s: max(r[what] for r in ranks) for s, ranks in results.items()}
         node = {s: sum(r[what] for r in ranks) for s, ranks in results.items()}
         print(f"{what}: per worker ZeRO-3 / ZeRO-2 = {worker[3]:,.0f} / {worker[2]:,.0f} MiB = {worker[3] / worker[2]:.2f}x;"

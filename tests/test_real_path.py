@@ -23,6 +23,17 @@ def test_dry_run_passes_on_every_shipped_training_config(path, capsys):
     assert main(["train", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "[  ok] deepspeed engine: ZeRO-" in out and "train --dry-run: passed" in out
+    assert "[  ok] cost: " in out and "GPU memory per device" in out and "of storage" in out
+
+
+def test_dry_run_cost_of_the_7b_recipe_under_zero_2_and_zero_3(capsys):
+    recipe = str(REPO / "configs" / "llama2_7b_gsm8k_real.yaml")
+    assert main(["train", "--config", recipe, "--dry-run"]) == 0
+    zero2 = capsys.readouterr().out
+    assert "6.74 B parameters, 4 worker(s)" in zero2 and "one checkpoint 94.3 GB" in zero2  # 13.5 GB + 12 x 6.74
+    assert main(["train", "--config", recipe, "--dry-run", "train.zero_stage=3"]) == 0
+    zero3 = capsys.readouterr().out
+    assert "weights 3.4 GB" in zero3 and "one checkpoint 80.9 GB" in zero3  # weights sharded and not saved twice
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

@@ -57,7 +57,8 @@ def _check_export(result, precision: str) -> None:
 def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_path, stage, precision):
     from lookahead_ray.train.driver import run_training
 
-    result = run_training(_cfg(tmp_path, f"train.zero_stage={stage}", f"train.precision={precision}"))
+    cfg = _cfg(tmp_path, f"train.zero_stage={stage}", f"train.precision={precision}")
+    result = run_training(cfg)
     metrics = result.metrics
     assert metrics["step"] == 16 and metrics["final"] is True
     assert metrics["loss"] < 0.8 * metrics["initial_loss"]
@@ -67,6 +68,13 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
     _check_export(result, precision)
     ds_files = {p.name for p in (Path(result.checkpoint_dir) / "ds" / "state").iterdir()}
     assert sum("optim_states" in name for name in ds_files) == 2  # both ranks' optimizer shards were merged
+    # The dry run's cost estimate against this real checkpoint: parameters exactly, bytes within 10%.
+    from lookahead_ray.train.cost import ModelShape, checkpoint_bytes
+
+    shape = ModelShape.from_config(json.loads((Path(result.final_dir) / "config.json").read_text()))
+    assert shape.parameters == metrics["exported_parameters"]
+    measured = sum(f.stat().st_size for f in (Path(result.checkpoint_dir) / "ds").rglob("*.pt"))
+    assert abs(measured - checkpoint_bytes(shape.parameters, cfg.train)) <= 0.10 * measured, measured
 
 
 @pytest.mark.slow

@@ -57,7 +57,42 @@ def dry_run(cfg: LookaheadConfig) -> Preflight:
     _check(report, "training data", lambda: _data(cfg, tokenizer is not None))
     _check(report, "storage path", lambda: _storage(cfg))
     _check(report, "deepspeed engine", lambda: _engine(cfg, tokenizer))
+    _check(report, "cost", lambda: _cost(cfg, tokenizer))
     return report
+
+
+# The published shapes of the recipes' models, for a dry run on a machine that has not downloaded them.
+KNOWN_SHAPES = {
+    "meta-llama/Llama-2-7b-chat-hf": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
+                                      "vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32},
+    "meta-llama/Llama-2-13b-chat-hf": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824,
+                                       "vocab_size": 32000, "num_attention_heads": 40, "num_key_value_heads": 40},
+    "meta-llama/Llama-2-70b-chat-hf": {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672,
+                                       "vocab_size": 32000, "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+
+
+def _cost(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
+    """The run's GPU memory, host memory while loading, checkpoint and disk (``train.cost``), from the model's shape."""
+    import dataclasses
+    import json
+
+    from lookahead_ray.train.cost import ModelShape, estimate
+
+    source = cfg.model.name_or_path
+    if cfg.model.tiny is not None:
+        shape = {**dataclasses.asdict(cfg.model.tiny), "vocab_size": len(tokenizer) if tokenizer is not None else 512}
+        origin = "model.tiny"
+    elif source and storage.is_uri(source):
+        shape, origin = json.loads(storage.read_text(storage.join(source, "config.json"))), source
+    elif source and Path(source).expanduser().is_dir():
+        shape, origin = json.loads((Path(source).expanduser() / "config.json").read_text()), source
+    elif source in KNOWN_SHAPES:
+        shape, origin = KNOWN_SHAPES[source], f"the published shape of {source}"
+    else:
+        return WARN, f"{source}: its config.json is not readable here, so the cost is not estimated", None
+    report = estimate(ModelShape.from_config(shape), cfg.train, cfg.tokenization.max_seq_len)
+    return OK, f"{' ; '.join(report.lines())} (shape: {origin}; sequence length {cfg.tokenization.max_seq_len})"
 
 
 def _check(report: Preflight, what: str, fn: Any) -> Any:

@@ -1,0 +1,115 @@
+"""What a training run costs before it starts: GPU memory per device, host memory while loading, checkpoint and
+run disk. Pure arithmetic over the model's shape (its config.json) and the typed train config; ``--dry-run``
+prints it. Estimates, not measurements: the checkpoint bytes are tested against real checkpoints of tiny models.
+
+GPU memory per device follows DeepSpeed's ZeRO accounting (weights 2 bytes a parameter in bf16, gradients 2,
+Adam's fp32 master weights and moments 12, divided by the world size where the stage shards them). Activations
+follow Korthikanti et al. 2022: 34 s b h + 5 a s^2 b bytes a layer without recomputation, one layer's input kept
+per layer with it (an upper bound where flash attention avoids the s^2 term). Then the fp32 logits of the loss
+and DeepSpeed's communication buckets at their defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lookahead_ray.config import TrainConfig
+
+GB = 1e9
+ADAM_BYTES = 12
+"""fp32 master weights, Adam's m and v, per parameter: DeepSpeed keeps them for bf16 and fp32 training alike."""
+BUCKET_ELEMENTS = 5e8
+"""DeepSpeed's default reduce and allgather bucket sizes (ZeRO-2), in elements."""
+STAGE3_LIVE_ELEMENTS = 1e9 + 5e7
+"""ZeRO-3's default stage3_max_live_parameters plus stage3_prefetch_bucket_size."""
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs of a decoder-only model (a Llama-family config.json)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        heads = config["num_attention_heads"]
+        return cls(config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                   config["vocab_size"], heads, config.get("num_key_value_heads") or heads,
+                   bool(config.get("tie_word_embeddings", False)))
+
+    @property
+    def parameters(self) -> int:
+        h, kv = self.hidden_size, self.hidden_size // self.num_attention_heads * self.num_key_value_heads
+        layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h  # attention, MLP, two norms
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embeddings + h
+
+
+@dataclass
+class CostReport:
+    parameters: int
+    world_size: int
+    gpu_bytes: dict[str, float] = field(default_factory=dict)
+    host_loading_bytes_per_node: float = 0.0
+    checkpoint_bytes: float = 0.0
+    checkpoints_on_disk: int = 0
+    run_disk_bytes: float = 0.0
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(self.gpu_bytes.values())
+
+    def lines(self) -> list[str]:
+        parts = ", ".join(f"{name} {_size(value)}" for name, value in self.gpu_bytes.items())
+        return [f"{self.parameters / 1e9:.3g} B parameters, {self.world_size} worker(s): GPU memory per device "
+                f"{_size(self.gpu_total)} ({parts})",
+                f"host memory per node while loading {_size(self.host_loading_bytes_per_node)}; one checkpoint "
+                f"{_size(self.checkpoint_bytes)}, up to {self.checkpoints_on_disk} on disk; the run needs "
+                f"{_size(self.run_disk_bytes)} of storage"]
+
+
+def _size(value: float) -> str:
+    return f"{value / GB:.1f} GB" if value >= 0.1 * GB else f"{value / 1e6:.1f} MB"
+
+
+def estimate(shape: ModelShape, train: TrainConfig, seq_len: int, workers_per_node: int | None = None) -> CostReport:
+    """The cost of ``train`` on a model of ``shape`` at sequence length ``seq_len`` (a micro-batch's longest)."""
+    p, world = shape.parameters, train.num_workers
+    weight_bytes = 2 if train.precision == "bf16" else 4
+    sharded = world if train.zero_stage == 3 else 1
+    gpu = {"weights": 0.0 if train.offload_params else weight_bytes * p / sharded,
+           "gradients": weight_bytes * p / world,
+           "optimizer": 0.0 if train.offload_optimizer else ADAM_BYTES * p / world}
+    b, s, h, layers = train.micro_batch_size, seq_len, shape.hidden_size, shape.num_hidden_layers
+    per_layer = 34 * s * b * h + 5 * shape.num_attention_heads * s * s * b
+    gpu["activations"] = (layers * 2 * s * b * h + per_layer) if train.gradient_checkpointing else layers * per_layer
+    gpu["logits"] = 2 * 4 * b * s * shape.vocab_size  # fp32 logits and their gradient
+    # ZeRO-2's reduce and allgather buckets; with overlap_comm (on GPUs) DeepSpeed documents 4.5x of them.
+    zero2_buckets = 2 * 2 * BUCKET_ELEMENTS * (4.5 if train.use_gpu else 1)
+    gpu["buckets"] = 2 * (STAGE3_LIVE_ELEMENTS + BUCKET_ELEMENTS) if train.zero_stage == 3 else zero2_buckets
+    local = workers_per_node or world
+    # Every worker of a node holds a whole copy while loading: ZeRO-2 by design; ZeRO-3 measured so
+    # (benchmarks/model_load_memory.py: 1.2-1.4x the checkpoint per worker with transformers 5.24 and DeepSpeed
+    # 0.19.8, although each keeps only its partition afterwards).
+    host = weight_bytes * p * local
+    if train.offload_optimizer:
+        host += ADAM_BYTES * p * local / world
+    checkpoint = checkpoint_bytes(p, train)
+    kept = train.keep_checkpoints + 1  # Ray Train deletes the oldest only after the newest is in place
+    export = weight_bytes * p
+    return CostReport(p, world, gpu, host, checkpoint, kept, kept * checkpoint + 2 * export)
+
+
+def checkpoint_bytes(parameters: int, train: TrainConfig) -> float:
+    """One DeepSpeed checkpoint of ``train.export.save_state``: Adam's fp32 state (sharded over the ranks, 12 bytes a
+    parameter in all) plus, under ZeRO-2, the model's weights in the training precision (ZeRO-3 keeps them only in
+    the fp32 partitions)."""
+    weights = (2 if train.precision == "bf16" else 4) * parameters if train.zero_stage == 2 else 0
+    return ADAM_BYTES * parameters + weights
