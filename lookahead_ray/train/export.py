@@ -129,8 +129,9 @@ def verify_export(hf_dir: str, check_file: str, precision: str, device: Any = "c
 def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     """Rebuild a Hugging Face export from a checkpoint's DeepSpeed state (no retraining) into ``final_dir``.
 
-    The weights come from the fp32 master copy in the ZeRO optimizer shards, cast to the run's precision; the
-    export is checked against the engine's probe logits when the checkpoint has them, and published only if
+    The weights come from the fp32 master copy in the ZeRO optimizer shards, cast to the run's precision one tensor
+    at a time and saved around a model built on the meta device (one copy of the weights in memory); the export is
+    checked against the engine's probe logits when the checkpoint has them, and published only if
     the check passes.
 
     Raises:
@@ -147,14 +148,21 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{checkpoint_dir} is not a lookahead-ray checkpoint (no {CONFIG_FILE} and ds/)")
     storage.check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
     cfg = LookaheadConfig.from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()), source=str(root / CONFIG_FILE))
-    model, tokenizer = _empty_model(cfg, root)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model, tokenizer = _empty_model(cfg, root)  # on the meta device: no weights of its own (7B: no 27 GB copy)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)
-    model.load_state_dict(state, strict=True)
-    model = model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+        raise ExportMismatchError(f"{checkpoint_dir}: the checkpoint's weights do not match the model (missing "
+                                  f"{missing}, unexpected {unexpected})")
+    for key in list(state):  # cast one tensor at a time: never a second full copy
+        state[key] = state[key].to(dtype)
+    model = model.to(dtype)
     with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
         # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
         staging = Path(scratch, "final") if storage.is_uri(final_dir) else storage.staging_path(final_dir)
-        _save_hf(model, None, tokenizer, cfg, str(staging))
+        _save_hf(model, state, tokenizer, cfg, str(staging))
         check: dict[str, Any] = {}
         if (root / EXPORT_CHECK_FILE).is_file():
             check = verify_export(str(staging), str(root / EXPORT_CHECK_FILE), cfg.train.precision,
@@ -167,7 +175,9 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
 
 
 def _empty_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any]:
-    """The model architecture (weights to be loaded) and the tokenizer, preferring what the checkpoint holds."""
+    """The model architecture on the meta device (its config, no weights) and the tokenizer, preferring what the
+    checkpoint holds."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lookahead_ray.modeling import build_model, load_tokenizer, tokenizer_for
@@ -177,7 +187,8 @@ def _empty_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any]:
         tokenizer = load_tokenizer(str(hf_dir), trust_remote_code=cfg.model.trust_remote_code)
     else:
         tokenizer = tokenizer_for(cfg.model)
-    if (hf_dir / "config.json").is_file():
-        config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=cfg.model.trust_remote_code)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code), tokenizer
-    return build_model(cfg.model, tokenizer, cfg.train.seed), tokenizer
+    with torch.device("meta"):
+        if (hf_dir / "config.json").is_file():
+            config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=cfg.model.trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code), tokenizer
+        return build_model(cfg.model, tokenizer, cfg.train.seed), tokenizer
