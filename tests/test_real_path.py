@@ -201,3 +201,14 @@ def test_eval_tiny_cpu_config_runs_on_a_trained_tiny_model(ray_local, tmp_path, 
     metrics = json.loads((out / "results.json").read_text())["models"]["run"]
     assert metrics["rsr"]["keyword"]["n"] == 30 and metrics["jsr"]["keyword"]["n"] == 30
     assert metrics["utility"]["n"] == 30
+
+
+def test_dry_run_fails_a_recipe_that_does_not_fit_its_gpus_and_warns_on_a_tight_one(capsys):
+    recipe = str(REPO / "configs" / "llama2_70b_gsm8k_real_zero3.yaml")
+    assert main(["train", "--config", recipe, "--dry-run"]) == 0  # 39.6 GB of 80
+    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=40"]) == 0  # tight: a warning
+    assert "[warn] cost: 39.6 GB per GPU is above 90% of train.gpu_memory_gb 40" in capsys.readouterr().out
+    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=40", "--strict"]) == 2
+    assert main(["train", "--config", recipe, "--dry-run", "train.num_workers=16", "train.micro_batch_size=4",
+                 "train.gpu_memory_gb=40"]) == 2
+    assert "[FAIL] cost: 76.2 GB per GPU does not fit train.gpu_memory_gb 40" in capsys.readouterr().out

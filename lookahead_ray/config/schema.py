@@ -217,6 +217,11 @@ class TrainConfig:
     """Also log metrics to MLflow (needs `mlflow` installed)."""
     verify_export: bool = True
     """After the HF export, reload it on rank 0 and check its logits against the engine's (catches empty exports)."""
+    workers_per_node: int | None = None
+    """For the dry run's cost estimate: workers (GPUs) a node runs; default: all on one node."""
+    gpu_memory_gb: float | None = None
+    """For the dry run's cost estimate: each GPU's memory; a recipe estimated above it fails the dry run, one above
+    90% of it warns."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Expert DeepSpeed keys merged last into the generated config (nested dicts merge)."""
 

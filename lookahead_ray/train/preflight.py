@@ -91,8 +91,16 @@ def _cost(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
         shape, origin = KNOWN_SHAPES[source], f"the published shape of {source}"
     else:
         return WARN, f"{source}: its config.json is not readable here, so the cost is not estimated", None
-    report = estimate(ModelShape.from_config(shape), cfg.train, cfg.tokenization.max_seq_len)
-    return OK, f"{' ; '.join(report.lines())} (shape: {origin}; sequence length {cfg.tokenization.max_seq_len})"
+    train = cfg.train
+    report = estimate(ModelShape.from_config(shape), train, cfg.tokenization.max_seq_len, train.workers_per_node)
+    line = f"{' ; '.join(report.lines())} (shape: {origin}; sequence length {cfg.tokenization.max_seq_len})"
+    if train.gpu_memory_gb and train.use_gpu:
+        need = report.gpu_total / 1e9
+        if need > train.gpu_memory_gb:
+            return FAIL, f"{need:.1f} GB per GPU does not fit train.gpu_memory_gb {train.gpu_memory_gb:g}: {line}", None
+        if need > 0.9 * train.gpu_memory_gb:
+            return WARN, f"{need:.1f} GB per GPU is above 90% of train.gpu_memory_gb {train.gpu_memory_gb:g}: {line}", None
+    return OK, line
 
 
 def _check(report: Preflight, what: str, fn: Any) -> Any:

@@ -23,7 +23,7 @@ from lookahead_ray.errors import ConfigError
 OPERATIONAL_TRAIN_KEYS = {"output_dir", "storage_path", "run_name", "use_gpu", "cpus_per_worker",
                           "checkpoint_every_steps", "keep_checkpoints", "max_failures", "resume_from", "resume",
                           "report_every_steps", "mlflow_tracking_uri", "verify_export",
-                          "worker_start_timeout_s", "controller_failure_limit"}
+                          "worker_start_timeout_s", "controller_failure_limit", "workers_per_node", "gpu_memory_gb"}
 TRAINING_SECTIONS = ("model", "data", "preview", "records", "tokenization")
 OPERATIONAL_DATA_KEYS = {"output_dir", "batch_size", "num_actors", "cpus_per_actor", "rows_per_shard"}
 
