@@ -303,19 +303,6 @@ def upload_dir(local_dir: str | Path, target: str) -> None:
             shutil.copy2(file, destination)
 
 
-def download_dir(location: str, local_dir: str | Path) -> Path:
-    """Copy every file below ``location`` into ``local_dir`` (created)."""
-    local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for file in list_files(location):
-        relative = posixpath.relpath(file, location) if is_uri(location) else os.path.relpath(file, location)
-        destination = local_dir / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with open_input(file) as source, open(destination, "wb") as sink:
-            shutil.copyfileobj(source, sink, length=8 << 20)
-    return local_dir
-
-
 def check_output_dir(target: str | Path, marker: str, key: str, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse to write ``target`` where that would destroy what this tool did not create.
 

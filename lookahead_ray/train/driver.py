@@ -138,7 +138,7 @@ def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_na
             columns into its local cache once (``data_order.node_token_cache``) and memory-maps them.
         run_name / storage_path: where Ray Train keeps checkpoints; the same pair resumes the run.
         callbacks: Ray Train run callbacks (e.g. Ray Tune's ``TuneReportCallback``).
-        progress: the name of a ``console.ProgressBoard`` actor that rank 0 sends each step to.
+        progress: the name of the progress-board actor (``console.training_progress``) rank 0 sends each step to.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
