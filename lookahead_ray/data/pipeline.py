@@ -178,8 +178,11 @@ def find_row_error(exc: BaseException) -> RowError | None:
     return None
 
 
-def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
+def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> PrepareReport:
     """Run the pipeline and write ``cfg.data.output_dir`` (shards + report) atomically.
+
+    ``locations_checked``: the caller (``train``) already checked that every node sees the output's parent and the
+    inputs, so the storage preflight is not run a second time.
 
     Raises:
         RowError: a bad row with ``on_error: fail``; names file, row and field.
@@ -193,8 +196,9 @@ def run_prepare(cfg: LookaheadConfig) -> PrepareReport:
     files = expand_inputs(cfg.data)
     storage.check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=files + input_dirs)
     # Ray Data's write tasks write here and its read tasks read the inputs, on whichever node they run.
-    check_visible_on_every_node({"data.output_dir": storage.parent(output)},
-                                {f"data.inputs ({storage.name(f)})": f for f in files[:20]})
+    if not locations_checked:
+        check_visible_on_every_node({"data.output_dir": storage.parent(output)},
+                                    {f"data.inputs ({storage.name(f)})": f for f in files[:20]})
     console.use_output_dir(storage.parent(output))  # beside the shards: the output is replaced as a whole
     console.quiet_libraries()
     ds, files = transformed_dataset(cfg)

@@ -167,7 +167,8 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
     from lookahead_ray.data.pipeline import run_prepare
 
     prepared = storage.join(output_dir, f"prepared_{cfg.train.run_name}")
-    report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}))
+    # run_training checked what every node must see (the train directory, the inputs): not again here.
+    report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}), locations_checked=True)
     logger.info("%s", report.summary())
     return apply_overrides(cfg, {"train.prepared_dir": prepared})
 
