@@ -82,7 +82,7 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path(ray_local, tmp_path, stage):
     """The branch a real run takes: a model saved with save_pretrained and loaded by every worker through
-    model.name_or_path (under ZeRO-3 transformers partitions it while loading, through HfDeepSpeedConfig)."""
+    model.name_or_path (under ZeRO-3 each rank reads only its partition while loading: train.zero3_loading)."""
     from lookahead_ray.modeling import build_model, tokenizer_for
     from lookahead_ray.train.driver import run_training
 

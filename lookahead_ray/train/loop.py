@@ -21,12 +21,13 @@ import numpy as np
 from lookahead_ray.config import LookaheadConfig, TrainConfig
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import ConfigError
-from lookahead_ray.modeling import build_model, tokenizer_for, torch_dtype
+from lookahead_ray.modeling import build_model, local_model_dir, tokenizer_for, torch_dtype
 from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
 from lookahead_ray.train.worker_io import WorkerIO
+from lookahead_ray.train.zero3_loading import load_zero3_model
 
 Batch = dict[str, Any]  # column -> token-id lists
 
@@ -105,29 +106,28 @@ def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tup
                           "GPUs and driver, or set train.use_gpu=false to train on CPU")
     tokenizer = tokenizer_for(cfg.model)
     ds_config = build_deepspeed_config(train, world_size, on_gpu)
-    model, zero3_context = load_training_model(cfg, tokenizer, ds_config)
+    model = load_training_model(cfg, tokenizer, ds_config)
     engine = initialize_engine(model, cfg.train, ds_config, total_steps, client_optimizer=not on_gpu)
-    del zero3_context
     return engine, tokenizer, device
 
 
-def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """The model to train, and the object that must stay alive until ``deepspeed.initialize``: under ZeRO-3 a
-    checkpoint (``model.name_or_path``) is loaded inside transformers' ``HfDeepSpeedConfig``, so from_pretrained
-    partitions the weights while loading instead of building the whole model on every rank."""
-    zero3_context = None
+def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any]) -> Any:
+    """The model to train. Under ZeRO-3 a checkpoint (``model.name_or_path``) is partitioned while it is loaded,
+    each rank reading only its own part (``train.zero3_loading``), instead of building the whole model on every
+    rank; otherwise ``from_pretrained`` memory-maps the safetensors (one copy per node: the page cache)."""
+    # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
+    # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
+    dtype = torch_dtype(cfg.train.precision)
     if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
         import deepspeed
         import torch
-        from transformers.integrations import HfDeepSpeedConfig
 
         # zero.Init reads the world size from DeepSpeed's communication backend: without it (Ray set up only
         # torch.distributed) it sees a world of 1 and rejects the batch sizes.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and cfg.train.use_gpu else "gloo")
-        zero3_context = HfDeepSpeedConfig(ds_config)
-    # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
-    # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
-    return build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch_dtype(cfg.train.precision)), zero3_context
+        return load_zero3_model(local_model_dir(cfg.model.name_or_path), ds_config, dtype,
+                                cfg.model.trust_remote_code)
+    return build_model(cfg.model, tokenizer, cfg.train.seed, dtype=dtype)
 
 
 def init_device(use_gpu: bool, world_size: int) -> tuple[bool, Any]:

@@ -230,10 +230,9 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
         # model.name_or_path (under ZeRO-3: partitioned while loading).
         _stand_in_model(cfg, tokenizer).to(torch_dtype(train.precision)).save_pretrained(directory)
         stand_in = replace(cfg, model=replace(cfg.model, name_or_path=directory, tiny=None))
-        model, zero3_context = load_training_model(stand_in, tokenizer, ds_config)
+        model = load_training_model(stand_in, tokenizer, ds_config)
         engine = initialize_engine(model, train, ds_config, total_steps=max(steps, train.max_steps or 100),
                                    client_optimizer=client_optimizer)
-        del zero3_context
     vocab = engine.module.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     losses, lrs = [], []
