@@ -68,7 +68,7 @@ def measure(config: dict) -> None:
             if param.numel():  # ZeRO-2: read every page once, as the copy to a GPU would (ZeRO-3: already read)
                 param.max()
     placed = memory()
-    engine = initialize_engine(model, cfg.train, ds_config, total_steps=10, client_optimizer=True)
+    engine = initialize_engine(model, cfg.train, ds_config, total_steps=10, on_gpu=False)
     initialized = memory()
     local = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())  # ZeRO-3: this rank's part
     record = {"rank": rank, "local_parameters": local, "placed_peak_growth": placed["peak"] - before["rss"],

@@ -20,7 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from lookahead_ray.config.loader import load_config
-from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, RAY_IMAGE, RAY_VERSION
+from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, RAY_IMAGE, RAY_VERSION, TORCH_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"
@@ -156,12 +156,17 @@ def pip_packages(env: dict) -> list[str]:
 
 
 def check_installs(requirements: list[str], where: str) -> None:
-    """No Ray over the image's; DeepSpeed, where installed, at the pinned version."""
+    """No Ray over the image's; DeepSpeed and torch at the pinned versions (torch installed with DeepSpeed, so
+    the project's unpinned torch requirement never resolves on its own)."""
     parsed = [Requirement(r) for r in requirements]
-    assert "ray" not in {r.name.lower() for r in parsed}, f"{where}: installs ray over the image's Ray {RAY_VERSION}"
+    names = {r.name.lower() for r in parsed}
+    assert "ray" not in names, f"{where}: installs ray over the image's Ray {RAY_VERSION}"
+    assert "deepspeed" not in names or "torch" in names, f"{where}: installs deepspeed without the pinned torch"
     for req in parsed:
         if req.name.lower() == "deepspeed":
             assert str(req.specifier) == f"=={DEEPSPEED_VERSION}", f"{where}: {req}"
+        if req.name.lower() == "torch":
+            assert str(req.specifier) == f"=={TORCH_VERSION}", f"{where}: {req}"
 
 
 def option(args: list[str], flag: str) -> str:
@@ -358,6 +363,8 @@ def test_every_version_named_is_the_pinned_one(path):
         assert version == RAY_VERSION, f"{path.name}: ray=={version}"
     for version in re.findall(r"\bdeepspeed==([\w.]+)", text):
         assert version == DEEPSPEED_VERSION, f"{path.name}: deepspeed=={version}"
+    for version in re.findall(r"\btorch==([\w.]+)", text):
+        assert version == TORCH_VERSION, f"{path.name}: torch=={version}"
 
 
 # --- the cluster launcher --------------------------------------------------------------------------------------

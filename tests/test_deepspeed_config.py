@@ -16,10 +16,13 @@ def test_batch_sizes_are_explicit_and_consistent():
     assert "auto" not in str(ds)
 
 
-def test_gpu_uses_deepspeed_optimizer_cpu_uses_client_optimizer():
+def test_the_optimizer_is_torchs_adamw_except_deepspeeds_cpu_adam_for_offload_on_gpus():
     gpu = build_deepspeed_config(TrainConfig(learning_rate=2e-5, weight_decay=0.1), 1, on_gpu=True)
-    assert gpu["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                            "weight_decay": 0.1}}
+    assert "optimizer" not in gpu  # the loop passes torch's fused AdamW: no JIT-built FusedAdam on the nodes
+    offload = build_deepspeed_config(TrainConfig(learning_rate=2e-5, weight_decay=0.1, offload_optimizer=True), 1,
+                                     on_gpu=True)
+    assert offload["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                                "weight_decay": 0.1}}
     cpu = build_deepspeed_config(TrainConfig(offload_optimizer=True), 1, on_gpu=False)
     assert "optimizer" not in cpu and cpu["zero_force_ds_cpu_optimizer"] is False
     assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}

@@ -17,7 +17,7 @@ import pytest
 from lookahead_ray.errors import JobError
 from lookahead_ray.jobs import runtime_env as env
 from lookahead_ray.jobs.submit import auth_token
-from lookahead_ray.jobs.versions import DEEPSPEED_VERSION
+from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, TORCH_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_only_named_environment_variables_travel_and_ray_is_never_reinstalled(tm
         env.read_requirements(requirements)
     packages = env.project_requirements(["ray[default,data,train,tune]>=2.50", "deepspeed>=0.16", "torch>=2.4",
                                          "pytest>=8; extra == 'dev'"])
-    assert packages == [f"deepspeed=={DEEPSPEED_VERSION}", "torch>=2.4"]
+    assert packages == [f"deepspeed=={DEEPSPEED_VERSION}", f"torch=={TORCH_VERSION}"]
 
 
 def test_config_on_the_command_line_must_travel_with_the_working_dir(tmp_path):

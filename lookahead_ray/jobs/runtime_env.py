@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lookahead_ray.errors import JobError
-from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, RAY_VERSION
+from lookahead_ray.jobs.versions import DEEPSPEED_VERSION, RAY_VERSION, TORCH_VERSION
 
 UPLOAD_LIMIT_BYTES = 100 * 2**20
 """Ray refuses a working_dir package over 100 MiB uploaded through the dashboard."""
@@ -82,7 +82,7 @@ def check_upload(working_dir: str | Path, extra_excludes: Sequence[str] = ()) ->
 
 def project_requirements(requires: Sequence[str]) -> list[str]:
     """The project's runtime dependencies for the job's environment: Ray is the image's (never reinstalled
-    over it) and DeepSpeed is pinned to the version the manifests use."""
+    over it); DeepSpeed and torch are pinned to the versions the manifests use."""
     packages = []
     for requirement in requires:
         if "extra ==" in requirement:
@@ -90,7 +90,8 @@ def project_requirements(requires: Sequence[str]) -> list[str]:
         name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
         if name == "ray":
             continue
-        packages.append(f"deepspeed=={DEEPSPEED_VERSION}" if name == "deepspeed" else requirement.split(";")[0].strip())
+        pinned = {"deepspeed": f"deepspeed=={DEEPSPEED_VERSION}", "torch": f"torch=={TORCH_VERSION}"}
+        packages.append(pinned.get(name, requirement.split(";")[0].strip()))
     return packages
 
 

@@ -23,9 +23,11 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> d
     Args:
         cfg: the train section.
         world_size: data-parallel workers (the batch sizes are computed from it, never left to "auto").
-        on_gpu: on GPUs the optimizer comes from this config (FusedAdam, or DeepSpeedCPUAdam with offload);
-            on CPU the training loop passes a torch AdamW instead, because DeepSpeed's CPU build of FusedAdam
-            JIT-compiles for minutes, and ``zero_force_ds_cpu_optimizer: false`` lets offload accept it.
+        on_gpu: the optimizer is torch's AdamW, passed by the training loop (fused on GPU), except with
+            ``train.offload_optimizer`` on GPUs, where it comes from this config (DeepSpeedCPUAdam). DeepSpeed's
+            FusedAdam is not used: it is JIT-built on every node with an nvcc that must match torch's CUDA,
+            while torch's fused AdamW ships in the torch wheel. On CPU ``zero_force_ds_cpu_optimizer: false``
+            lets offload accept torch's AdamW (DeepSpeedCPUAdam would JIT-compile for minutes).
 
     Returns:
         A plain dict for ``deepspeed.initialize(config=...)``; ``cfg.deepspeed_overrides`` is merged last.
@@ -55,10 +57,10 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> d
         "steps_per_print": 10**9,  # metrics go through ray.train.report, not DeepSpeed's stdout
         "wall_clock_breakdown": False,
     }
-    if on_gpu:
+    if on_gpu and cfg.offload_optimizer:  # DeepSpeedCPUAdam: a C++ op, built on first use unless prebuilt
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": cfg.learning_rate, "betas": list(cfg.adam_betas), "eps": 1e-8, "weight_decay": cfg.weight_decay}}
-    else:
+    elif cfg.offload_optimizer:
         ds["zero_force_ds_cpu_optimizer"] = False
     return _merge(ds, cfg.deepspeed_overrides)
 

@@ -107,7 +107,7 @@ def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tup
     tokenizer = tokenizer_for(cfg.model)
     ds_config = build_deepspeed_config(train, world_size, on_gpu)
     model = load_training_model(cfg, tokenizer, ds_config)
-    engine = initialize_engine(model, cfg.train, ds_config, total_steps, client_optimizer=not on_gpu)
+    engine = initialize_engine(model, cfg.train, ds_config, total_steps, on_gpu)
     return engine, tokenizer, device
 
 
@@ -143,11 +143,11 @@ def init_device(use_gpu: bool, world_size: int) -> tuple[bool, Any]:
 
 
 def initialize_engine(model: Any, train: TrainConfig, ds_config: dict[str, Any], total_steps: int,
-                      client_optimizer: bool) -> Any:
+                      on_gpu: bool) -> Any:
     """``deepspeed.initialize`` with the run's optimizer and learning-rate schedule.
 
-    ``client_optimizer``: a torch AdamW from here (CPU: DeepSpeed's own CPU optimizers JIT-compile for
-    minutes) instead of the optimizer in ``ds_config`` (GPU: FusedAdam, or CPUAdam with offload).
+    The optimizer is torch's AdamW from here (fused on GPU: nothing to JIT-build), unless ``ds_config`` names
+    one (DeepSpeedCPUAdam, for optimizer offload on GPUs).
     """
     import deepspeed
     import torch
@@ -155,8 +155,9 @@ def initialize_engine(model: Any, train: TrainConfig, ds_config: dict[str, Any],
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    client_optimizer = "optimizer" not in ds_config
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, betas=tuple(train.adam_betas),
-                                  weight_decay=train.weight_decay) if client_optimizer else None
+                                  weight_decay=train.weight_decay, fused=on_gpu or None) if client_optimizer else None
     schedule = lr_multiplier(train, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if client_optimizer else model.parameters(),

@@ -223,7 +223,6 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
     train = cfg.train
     on_gpu, device = init_device(train.use_gpu, world_size=1)
     ds_config = _single_worker_config(build_deepspeed_config(train, 1, on_gpu=train.use_gpu), on_gpu)
-    client_optimizer = "optimizer" not in ds_config
     steps = 2
     with tempfile.TemporaryDirectory(prefix="lookahead-stand-in-") as directory:
         # The branch a real run takes: the stand-in saved with save_pretrained and loaded through
@@ -232,7 +231,7 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
         stand_in = replace(cfg, model=replace(cfg.model, name_or_path=directory, tiny=None))
         model = load_training_model(stand_in, tokenizer, ds_config)
         engine = initialize_engine(model, train, ds_config, total_steps=max(steps, train.max_steps or 100),
-                                   client_optimizer=client_optimizer)
+                                   on_gpu=on_gpu)
     vocab = engine.module.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     losses, lrs = [], []
@@ -254,7 +253,7 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
 
 def _single_worker_config(ds_config: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     """The recipe's DeepSpeed config for one worker here: per-worker batch sizes kept; on a CPU the GPU
-    optimizer is DeepSpeed's torch AdamW (same settings, nothing to JIT-compile), and no pinned memory."""
+    optimizer offload takes torch's AdamW (DeepSpeedCPUAdam would JIT-compile), and no pinned memory."""
     out = copy.deepcopy(ds_config)
     out["train_batch_size"] = out["train_micro_batch_size_per_gpu"] * out["gradient_accumulation_steps"]
     if on_gpu:
@@ -264,11 +263,9 @@ def _single_worker_config(ds_config: dict[str, Any], on_gpu: bool) -> dict[str, 
     for key in ("offload_optimizer", "offload_param"):
         if key in zero:
             zero[key]["pin_memory"] = False
-    if "optimizer" in out and "offload_optimizer" in zero:
-        del out["optimizer"]  # offload would pick DeepSpeedCPUAdam (a JIT build): the CPU path's client AdamW
+    if "optimizer" in out:  # DeepSpeedCPUAdam (a JIT build): the CPU path's client AdamW instead
+        del out["optimizer"]
         out["zero_force_ds_cpu_optimizer"] = False
-    elif "optimizer" in out:
-        out["optimizer"]["params"]["torch_adam"] = True
     return out
 
 
