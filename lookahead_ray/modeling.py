@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -218,15 +219,24 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) 
                                                 trust_remote_code=cfg.trust_remote_code)
 
 
-def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None,
-                             device: str | None = None) -> tuple[Any, Any, Any]:
+def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None, device: str | None = None,
+                             expect_gpu: bool = False) -> tuple[Any, Any, Any]:
     """A model for generation (bf16 on GPU, fp32 on CPU), its tokenizer with left padding, and the device.
 
     ``cfg`` supplies ``trust_remote_code`` and ``chat_template`` (its ``tokenizer`` is ignored: a model
     directory ships its own).
+
+    Raises:
+        ConfigError: ``expect_gpu`` (the process was given a GPU) but no CUDA device is visible (names the node).
     """
+    import socket
+
     import torch
 
+    if expect_gpu and not torch.cuda.is_available():  # a 7B model in fp32 on this node's CPU would "work" for hours
+        raise ConfigError(f"eval.gpus_per_actor > 0, but no CUDA device is visible on node {socket.gethostname()} "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the node's GPUs "
+                          "and driver, or set eval.gpus_per_actor=0 to evaluate on CPU")
     cfg = cfg or ModelConfig()
     model_dir = local_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -107,9 +107,14 @@ def _write_sets(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_eval_runner_writes_results_samples_report_and_plot(ray_local, model_dirs, tmp_path):
+def test_eval_runner_writes_results_samples_report_and_plot(ray_local, model_dirs, tmp_path, monkeypatch):
+    import lookahead_ray.modeling as modeling
     from lookahead_ray.eval.runner import report_table, run_eval
 
+    def not_in_the_driver(*args, **kwargs):  # generation and drift load models in Ray workers (GPUs), never here
+        raise AssertionError("the eval driver loaded a model")
+
+    monkeypatch.setattr(modeling, "load_model_for_inference", not_in_the_driver)
     cfg = load_config(None, _write_sets(tmp_path) + [f"eval.output_dir={tmp_path / 'out'}", "eval.max_new_tokens=8",
                                                      "eval.drift_positions=4", "eval.judge.keyword_first_n_words=5"])
     results = run_eval(cfg, [("seed", model_dirs["seed"]), ("tuned", model_dirs["tuned"])])
@@ -175,3 +180,16 @@ def test_bad_eval_inputs_fail_before_generation(tmp_path, model_dirs):
     cfg = load_config(None, [f"eval.harmful={{path: {empty}, format: hexphi}}", f"eval.output_dir={tmp_path}"])
     with pytest.raises(RowError, match="empty_dataset"):
         run_eval(cfg, [("seed", model_dirs["seed"])])
+
+
+def test_an_eval_actor_given_a_gpu_without_cuda_fails_naming_the_node(model_dirs):
+    import socket
+
+    import torch
+
+    from lookahead_ray.modeling import load_model_for_inference
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=f"no CUDA device is visible on node {socket.gethostname()}"):
+        load_model_for_inference(model_dirs["seed"], expect_gpu=True)

@@ -57,7 +57,8 @@ class ResponseGenerator:
         torch.manual_seed(settings.get("seed", 0))
         model_cfg = ModelConfig(trust_remote_code=settings.get("trust_remote_code", False),
                                 chat_template=settings.get("chat_template"))
-        self.model, self.tokenizer, self.device = load_model_for_inference(model_dir, model_cfg)
+        self.model, self.tokenizer, self.device = load_model_for_inference(model_dir, model_cfg,
+                                                                           expect_gpu=settings.get("expect_gpu", False))
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

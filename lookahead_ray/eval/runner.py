@@ -107,7 +107,8 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, A
     check_visible_on_every_node({}, {f"--model {name}": storage.join(d, "config.json") for name, d in models})
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
-                "trust_remote_code": cfg.model.trust_remote_code, "chat_template": cfg.model.chat_template}
+                "trust_remote_code": cfg.model.trust_remote_code, "chat_template": cfg.model.chat_template,
+                "expect_gpu": ev.gpus_per_actor > 0}
     rows = _generation_rows(cfg, sets)
     results: dict[str, Any] = {"models": {}, "config": cfg.to_dict(), "versions": _versions()}
     samples: list[dict] = []
@@ -184,12 +185,12 @@ def _score(samples: list[dict], judges: list, sets: dict, cfg: LookaheadConfig) 
 
 
 def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> dict[str, dict]:
-    from lookahead_ray.eval.drift import first_token_drift
-    from lookahead_ray.modeling import load_model_for_inference
+    """Drift of every model against the seed, computed in one Ray task with the generation actors' resources
+    (on a GPU, in bf16): never in this driver process, which on a cluster runs on a CPU-only head."""
+    import ray
 
     ev = cfg.eval
     seed_dir = ev.seed_model or models[0][1]
-    seed, tokenizer, device = load_model_for_inference(seed_dir, cfg.model)
     conversations = {}
     harmful = sets.get("rsr") or sets.get("jsr") or []
     if harmful:
@@ -197,18 +198,30 @@ def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> d
     benign = sets.get("benign") or sets.get("utility") or []
     if benign:
         conversations["benign"] = [_messages(cfg, "benign", x["prompt"]) for x in benign[: ev.drift_max_prompts]]
+    tuned = [(name, directory) for name, directory in models if directory != storage.absolute(seed_dir)]
+    task = ray.remote(drift_against_seed).options(num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor)
+    drift = ray.get(task.remote(seed_dir, tuned, conversations, ev.drift_positions, cfg.model, ev.gpus_per_actor > 0))
+    for name in [name for name, values in drift.items() if values is None]:
+        logger.warning("drift skipped for %s: its tokenizer differs from the seed model's", name)
+        del drift[name]
+    return drift
+
+
+def drift_against_seed(seed_dir: str, models: list[tuple[str, str]], conversations: dict[str, list],
+                       positions: int, model_cfg: Any, expect_gpu: bool = False) -> dict[str, dict | None]:
+    """{name: {kind: first_token_drift}} of each model against the seed (one tuned model in memory at a time);
+    None for a model whose tokenizer differs from the seed's."""
+    from lookahead_ray.eval.drift import first_token_drift
+    from lookahead_ray.modeling import load_model_for_inference
+
+    seed, tokenizer, device = load_model_for_inference(seed_dir, model_cfg, expect_gpu=expect_gpu)
     drift = {}
     for name, directory in models:
-        if directory == storage.absolute(seed_dir):
-            continue
-        tuned, tuned_tokenizer, _ = load_model_for_inference(directory, cfg.model, device.type)
-        if tuned_tokenizer.get_vocab() != tokenizer.get_vocab():
-            del tuned
-            logger.warning("drift skipped for %s: its tokenizer differs from the seed model's", name)
-            continue
-        drift[name] = {kind: first_token_drift(seed, tuned, tokenizer, conv, ev.drift_positions, device)
-                       for kind, conv in conversations.items()}
-        del tuned  # one tuned model in memory at a time
+        tuned, tuned_tokenizer, _ = load_model_for_inference(directory, model_cfg, device.type)
+        same_tokens = tuned_tokenizer.get_vocab() == tokenizer.get_vocab()
+        drift[name] = {kind: first_token_drift(seed, tuned, tokenizer, conv, positions, device)
+                       for kind, conv in conversations.items()} if same_tokens else None
+        del tuned
     return drift
 
 
