@@ -123,6 +123,7 @@ def test_bucket_only_run_prepare_train_export_eval_across_two_nodes_and_a_killed
     assert result["step"] == 60 and result["resumed_from_step"] in (10, 20, 30, 40, 50)
     assert result["checkpoint_dir"].startswith(f"{run}/tiny_cpu/checkpoint_")  # the scheme is kept
     assert result["export_check_passed"] is True
+    assert result["checkpoints_written_in_place"] is False  # an object store: staged on the node, then uploaded
     from test_training import _expected_data_sha
 
     assert result["data_sha"] == _expected_data_sha(f"{run}/prepared_tiny_cpu", steps=60, world_size=2,

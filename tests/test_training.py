@@ -64,6 +64,8 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
     assert metrics["loss"] < 0.8 * metrics["initial_loss"]
     assert metrics["export_check_passed"] is True
     assert metrics["param_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
+    # A filesystem storage path: checkpoints written where they stay (no node-local copy uploaded after)
+    assert metrics["checkpoints_written_in_place"] is True
     assert (tmp_path / "run" / "tensorboard" / "tiny_cpu").is_dir()
     _check_export(result, precision)
     ds_files = {p.name for p in (Path(result.checkpoint_dir) / "ds" / "state").iterdir()}

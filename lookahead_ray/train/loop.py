@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -60,10 +59,11 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
         if probe is None:  # resumed at the very end (e.g. after a failed export check): still check the export
             first = epoch_batches(len(store), 0, cfg.train.seed, io.world_rank, io.world_size, cfg.train.micro_batch_size)
             probe = {k: v[:2] for k, v in collate(store.batch(first[0]), tokenizer.pad_token_id, device).items()}
-        with tempfile.TemporaryDirectory() as directory:
+        with io.new_checkpoint() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
             final = {**meter.last, "step": position.step, "epoch": position.epoch, "final": True,
                      "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
+                     "checkpoints_written_in_place": io.writes_in_place,
                      "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
             if cfg.train.verify_export:
@@ -235,7 +235,7 @@ def _report(engine: Any, io: WorkerIO, cfg: LookaheadConfig, metrics: dict[str, 
     (each report is a barrier across workers)."""
     step, checkpoint_every = metrics["step"], cfg.train.checkpoint_every_steps
     if checkpoint_every and step % checkpoint_every == 0:
-        with tempfile.TemporaryDirectory() as directory:
+        with io.new_checkpoint() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
             io.report(metrics, directory)
     elif step % cfg.train.report_every_steps == 0:
