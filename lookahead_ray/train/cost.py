@@ -95,12 +95,14 @@ def estimate(shape: ModelShape, train: TrainConfig, seq_len: int, workers_per_no
     zero2_buckets = 2 * 2 * BUCKET_ELEMENTS * (4.5 if train.use_gpu else 1)
     gpu["buckets"] = 2 * (STAGE3_LIVE_ELEMENTS + BUCKET_ELEMENTS) if train.zero_stage == 3 else zero2_buckets
     local = workers_per_node or world
-    # Every worker of a node holds a whole copy while loading: ZeRO-2 by design; ZeRO-3 measured so
-    # (benchmarks/model_load_memory.py: 1.2-1.4x the checkpoint per worker with transformers 5.24 and DeepSpeed
-    # 0.19.8, although each keeps only its partition afterwards).
-    host = weight_bytes * p * local
+    # While loading (benchmarks/model_load_memory.py): ZeRO-2 memory-maps the safetensors, so the node's page cache
+    # holds one copy of the checkpoint for all its workers; under ZeRO-3 each worker reads only its partition
+    # (train.zero3_loading), local/world of the checkpoint per node. Offloaded states stay in host memory.
+    host = weight_bytes * p * (local / world if train.zero_stage == 3 else 1)
     if train.offload_optimizer:
         host += ADAM_BYTES * p * local / world
+    if train.offload_params and train.zero_stage == 3:
+        host += weight_bytes * p * local / world
     checkpoint = checkpoint_bytes(p, train)
     kept = train.keep_checkpoints + 1  # Ray Train deletes the oldest only after the newest is in place
     export = weight_bytes * p
