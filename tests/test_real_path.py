@@ -211,4 +211,26 @@ def test_dry_run_fails_a_recipe_that_does_not_fit_its_gpus_and_warns_on_a_tight_
     assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=40", "--strict"]) == 2
     assert main(["train", "--config", recipe, "--dry-run", "train.num_workers=16", "train.micro_batch_size=4",
                  "train.gpu_memory_gb=40"]) == 2
-    assert "[FAIL] cost: 76.2 GB per GPU does not fit train.gpu_memory_gb 40" in capsys.readouterr().out
+    assert "[FAIL] cost: train.gpu_memory_gb: the run needs about 76.2 GB per GPU, more than the 40 GB given" in \
+        capsys.readouterr().out
+
+
+def test_a_recipe_that_does_not_fit_its_gpus_fails_train_itself_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    from lookahead_ray.config import load_config
+    from lookahead_ray.errors import ConfigError
+    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.plan import plan_training
+
+    cfg = load_config(REPO / "configs" / "llama2_70b_gsm8k_real_zero3.yaml",
+                      [f"train.output_dir={tmp_path / 'run'}", "train.num_workers=16", "train.micro_batch_size=4",
+                       "train.gpu_memory_gb=40"])
+    plan = plan_training(cfg)  # the same plan the dry run prints
+    assert plan.cost is not None and round(plan.cost.gpu_total / 1e9, 1) == 76.2 and not plan.passed
+    assert plan.resources == {"CPU": 16 * cfg.train.cpus_per_worker, "GPU": 16.0}
+    assert plan.outputs == {"train.output_dir": str(tmp_path / "run")}
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a plan that failed"))
+    with pytest.raises(ConfigError, match=r"train.gpu_memory_gb: the run needs about 76.2 GB per GPU"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()

@@ -217,3 +217,14 @@ def _terminated_trials(search_dir: Path) -> list[str]:
             return []
         return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
     return []
+
+
+def test_a_search_whose_trials_cannot_fit_their_gpus_fails_before_any_trial(tmp_path, capsys):
+    from lookahead_ray.cli import main
+
+    argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(tmp_path / "s"),
+            "train.use_gpu=true", "train.gpu_memory_gb=0.001"]  # the tiny model needs ~0.01 GB per GPU
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.gpu_memory_gb: the run needs about" in err and "more than the 0.001 GB given" in err
+    assert not (tmp_path / "s").exists()  # the trial's plan is made before anything is written or started

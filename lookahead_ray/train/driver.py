@@ -53,29 +53,6 @@ def train_dir(cfg: LookaheadConfig) -> str:
     return storage.absolute(directory)
 
 
-def check_training_config(cfg: LookaheadConfig) -> None:
-    """Everything that can be checked before Ray starts.
-
-    Raises:
-        ConfigError / FileNotFoundError: no output directory, no model, missing paths, no inputs.
-    """
-    from lookahead_ray.data.readers import expand_inputs
-    from lookahead_ray.modeling import check_model_source
-
-    train_dir(cfg)
-    if not cfg.data.tokenize and not cfg.train.prepared_dir:
-        raise ConfigError("data.tokenize: training needs token ids, so it must be true")
-    check_model_source(cfg.model)
-    if cfg.train.prepared_dir:
-        if not any(f.endswith(".parquet") for f in storage.list_files(cfg.train.prepared_dir)):
-            raise FileNotFoundError(f"train.prepared_dir: no .parquet shards in {cfg.train.prepared_dir}")
-        check_prepared_tokenizer(cfg)
-    else:
-        expand_inputs(cfg.data)
-    if cfg.train.resume_from and not storage.is_dir(cfg.train.resume_from):
-        raise FileNotFoundError(f"train.resume_from: {cfg.train.resume_from} is not a checkpoint directory")
-
-
 def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
     """Refuse shards whose token ids come from another tokenizer than the one this run trains with.
 
@@ -174,26 +151,27 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
 
 
 def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers."""
-    check_training_config(cfg)
+    """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers: the plan of
+    ``cfg`` (``train.plan``) is made and must pass before Ray starts; this executes it."""
     from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, check_visible_on_every_node, init_ray
+    from lookahead_ray.train.plan import plan_training
 
-    train, output_dir = cfg.train, train_dir(cfg)
-    storage_path = storage.absolute(train.storage_path or output_dir)
+    plan = plan_training(cfg).check()
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+    train, output_dir, storage_path = cfg.train, plan.output_dir, plan.storage_path
     finished = finished_run(cfg, output_dir)  # read only: a finished run starts nothing, not even Ray
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
     console.use_output_dir(output_dir)
+    if plan.cost is not None:
+        logger.info("cost: %s", plan.cost_line())
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
-    check_visible_on_every_node(*run_locations(cfg))  # before anything is written there
-    finished = check_run(cfg, output_dir, run_dir=storage.join(storage_path, train.run_name))
+    check_visible_on_every_node(plan.outputs, plan.inputs)  # before anything is written there
+    finished = check_run(cfg, output_dir, run_dir=plan.run_dir)
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    need = {"CPU": train.num_workers * train.cpus_per_worker} | ({"GPU": float(train.num_workers)}
-                                                                if train.use_gpu else {})
-    check_resources(need, "train.num_workers / train.cpus_per_worker / train.use_gpu",
-                    f"{train.num_workers} worker(s) x {train.cpus_per_worker:g} CPU"
-                    + (" and 1 GPU each" if train.use_gpu else ""))
+    check_resources(plan.resources, "train.num_workers / train.cpus_per_worker / train.use_gpu", plan.resource_line())
     if not train.prepared_dir:
         cfg = _prepare_for_training(cfg, output_dir)
     tokens = storage.absolute(cfg.train.prepared_dir)
@@ -233,33 +211,14 @@ def _user_error(error: BaseException) -> LookaheadError | None:
     return None
 
 
-def run_locations(cfg: LookaheadConfig) -> tuple[dict[str, str], dict[str, str]]:
-    """The locations every node must see for a training run: (outputs, inputs), config key -> location."""
-    from lookahead_ray.data.readers import expand_inputs
-    from lookahead_ray.data.report import REPORT_NAME
-
-    outputs = {"train.output_dir": train_dir(cfg)}
-    if cfg.train.storage_path:
-        outputs["train.storage_path"] = storage.absolute(cfg.train.storage_path)
-    inputs = {}
-    if cfg.train.prepared_dir:
-        inputs["train.prepared_dir"] = storage.join(storage.absolute(cfg.train.prepared_dir), REPORT_NAME)
-    else:
-        inputs |= {f"data.inputs ({storage.name(f)})": f for f in expand_inputs(cfg.data)[:20]}
-    if cfg.model.name_or_path and (storage.is_uri(cfg.model.name_or_path) or storage.is_dir(cfg.model.name_or_path)):
-        inputs["model.name_or_path"] = storage.join(storage.absolute(cfg.model.name_or_path), "config.json")
-    if cfg.train.resume_from:
-        inputs["train.resume_from"] = storage.absolute(cfg.train.resume_from)
-    return outputs, inputs
-
-
 def run_training_local(cfg: LookaheadConfig) -> TrainResult:
     """The same loop in this process, without Ray (single GPU or CPU); ``train.num_workers`` is ignored."""
-    check_training_config(cfg)
     from lookahead_ray.train.loop import run_loop
+    from lookahead_ray.train.plan import plan_training
     from lookahead_ray.train.worker_io import LocalWorkerIO
 
-    output_dir = train_dir(cfg)
+    plan = plan_training(cfg).check()
+    output_dir = plan.output_dir
     if storage.is_uri(output_dir):
         raise ConfigError(f"train.output_dir: {output_dir}: train --local writes to a local directory; "
                           "use a path, or train on Ray (without --local) to write to a URI")

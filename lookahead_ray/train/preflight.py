@@ -19,6 +19,7 @@ from typing import Any
 from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import LookaheadError
+from lookahead_ray.train.plan import TrainPlan, plan_training
 
 STAND_IN = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 4}
@@ -32,6 +33,8 @@ class Preflight:
     """(status, what, detail) in the order run."""
     deepspeed_config: dict[str, Any] = field(default_factory=dict)
     """The DeepSpeed config the recipe's workers will get (its declared world size)."""
+    plan: TrainPlan | None = None
+    """The run's plan, as ``train`` would execute it."""
 
     def add(self, status: str, what: str, detail: str) -> None:
         self.checks.append((status, what, detail))
@@ -55,52 +58,25 @@ def dry_run(cfg: LookaheadConfig) -> Preflight:
     _check(report, "model source", lambda: _model_source(cfg))
     tokenizer = _check(report, "tokenizer", lambda: _tokenizer(cfg))
     _check(report, "training data", lambda: _data(cfg, tokenizer is not None))
-    _check(report, "storage path", lambda: _storage(cfg))
+    # The plan a real run executes (train.plan): its locations, resources and cost. Its source checks are the
+    # ones above, which tell what this machine cannot reach (a warning here) from what is wrong.
+    report.plan = plan_training(cfg, len(tokenizer) if tokenizer is not None else None)
+    _check(report, "storage path", lambda: _storage(cfg, report.plan))
     _check(report, "deepspeed engine", lambda: _engine(cfg, tokenizer))
-    _check(report, "cost", lambda: _cost(cfg, tokenizer))
+    _check(report, "cost", lambda: _cost(report.plan))
     return report
 
 
-# The published shapes of the recipes' models, for a dry run on a machine that has not downloaded them.
-KNOWN_SHAPES = {
-    "meta-llama/Llama-2-7b-chat-hf": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
-                                      "vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32},
-    "meta-llama/Llama-2-13b-chat-hf": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824,
-                                       "vocab_size": 32000, "num_attention_heads": 40, "num_key_value_heads": 40},
-    "meta-llama/Llama-2-70b-chat-hf": {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672,
-                                       "vocab_size": 32000, "num_attention_heads": 64, "num_key_value_heads": 8},
-}
-
-
-def _cost(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
-    """The run's GPU memory, host memory while loading, checkpoint and disk (``train.cost``), from the model's shape."""
-    import dataclasses
-    import json
-
-    from lookahead_ray.train.cost import ModelShape, estimate
-
-    source = cfg.model.name_or_path
-    if cfg.model.tiny is not None:
-        shape = {**dataclasses.asdict(cfg.model.tiny), "vocab_size": len(tokenizer) if tokenizer is not None else 512}
-        origin = "model.tiny"
-    elif source and storage.is_uri(source):
-        shape, origin = json.loads(storage.read_text(storage.join(source, "config.json"))), source
-    elif source and Path(source).expanduser().is_dir():
-        shape, origin = json.loads((Path(source).expanduser() / "config.json").read_text()), source
-    elif source in KNOWN_SHAPES:
-        shape, origin = KNOWN_SHAPES[source], f"the published shape of {source}"
-    else:
-        return WARN, f"{source}: its config.json is not readable here, so the cost is not estimated", None
-    train = cfg.train
-    report = estimate(ModelShape.from_config(shape), train, cfg.tokenization.max_seq_len, train.workers_per_node)
-    line = f"{' ; '.join(report.lines())} (shape: {origin}; sequence length {cfg.tokenization.max_seq_len})"
-    if train.gpu_memory_gb and train.use_gpu:
-        need = report.gpu_total / 1e9
-        if need > train.gpu_memory_gb:
-            return FAIL, f"{need:.1f} GB per GPU does not fit train.gpu_memory_gb {train.gpu_memory_gb:g}: {line}", None
-        if need > 0.9 * train.gpu_memory_gb:
-            return WARN, f"{need:.1f} GB per GPU is above 90% of train.gpu_memory_gb {train.gpu_memory_gb:g}: {line}", None
-    return OK, line
+def _cost(plan: TrainPlan) -> tuple[str, str]:
+    """The run's GPU memory, host memory while loading, checkpoint and disk (``train.cost``), from the plan."""
+    if plan.cost is None:
+        return WARN, next((w for w in plan.warnings if w.startswith("cost: ")), "cost: not estimated")[6:]
+    line = plan.cost_line()
+    memory = [error for error in plan.failures if str(error).startswith("train.gpu_memory_gb")]
+    if memory:
+        return FAIL, str(memory[0])
+    tight = [w for w in plan.warnings if w.startswith("cost: ")]
+    return (WARN, f"{tight[0][6:]}: {line}") if tight else (OK, line)
 
 
 def _check(report: Preflight, what: str, fn: Any) -> Any:
@@ -168,7 +144,7 @@ def _data(cfg: LookaheadConfig, tokenizer_loaded: bool) -> tuple[str, str]:
     return OK, f"{len(files)} input file(s)"
 
 
-def _storage(cfg: LookaheadConfig) -> tuple[str, str]:
+def _storage(cfg: LookaheadConfig, plan: TrainPlan) -> tuple[str, str]:
     """Writable from here, and (on a cluster joined through RAY_ADDRESS) the same place on every node."""
     import os
 
@@ -180,11 +156,10 @@ def _storage(cfg: LookaheadConfig) -> tuple[str, str]:
         return status, line
     from lookahead_ray.errors import ConfigError
     from lookahead_ray.runtime import check_visible_on_every_node, init_ray
-    from lookahead_ray.train.driver import run_locations
 
     init_ray()
     try:
-        check_visible_on_every_node(*run_locations(cfg))
+        check_visible_on_every_node(plan.outputs, plan.inputs)
     except (ConfigError, FileNotFoundError) as exc:
         return FAIL, str(exc)
     return OK, f"{line}, and every node of the cluster sees the run's locations"

@@ -63,6 +63,7 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
                           f"{cfg.model.name_or_path!r} to shared storage and point model.name_or_path at it")
     if cfg.tune.search == "optuna":
         import lookahead_ray.tune.optuna_search  # noqa: F401  (fails now, with what to install, if optuna is missing)
+    _plan(cfg, search_dir)
     storage.check_output_dir(search_dir, MARKER, "tune.output_dir")
     import yaml
 
@@ -93,6 +94,26 @@ def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
     return SearchResult(search_dir, objective.rank(rows), seed_metrics, best)
+
+
+def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
+    """The plan of a trial (``train.plan``, as each trial's ``run_training`` makes it) and the storage of the
+    whole search, before Ray starts: a trial that cannot run fails the search now, not once per trial.
+
+    Raises:
+        ConfigError / FileNotFoundError: the trials' training cannot run (the plan's first failure).
+    """
+    from lookahead_ray.train.plan import plan_search
+
+    count = cfg.tune.num_samples if cfg.tune.search == "optuna" else len(space.trials(cfg.tune))
+    trial = apply_overrides(cfg, {"output_dir": storage.join(search_dir, "trials", "a-trial"), "train.output_dir": None,
+                                  "train.storage_path": None})
+    plan = plan_search(trial, count).check()
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+    if plan.cost is not None:
+        logger.info("each trial: %s; the search's %d trial(s) need about %.1f GB of storage", plan.cost_line(), count,
+                    plan.search_disk_bytes / 1e9)
 
 
 def _param_space(cfg: LookaheadConfig, constants: dict[str, Any]) -> dict[str, Any]:
