@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LookaheadError, FileNotFoundError) as exc:
         if args.verbose:
             traceback.print_exc()
+        exc = console.raised_in_ray(exc)
         config = getattr(args, "config", None)
         where = f"{config}: " if isinstance(exc, ConfigError) and config and config not in str(exc) else ""
         print(f"lookahead-ray {args.command}: error: {where}{exc}", file=sys.stderr)

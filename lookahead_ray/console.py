@@ -141,9 +141,9 @@ def use_output_dir(directory: str | os.PathLike) -> Path | None:
 
 
 def quiet_libraries() -> None:
-    """Libraries that print to the console through their own handlers keep only errors there, and every
-    library's records reach the log file. Called again after Ray and Ray Data start: they install (and reset)
-    their handlers late."""
+    """Libraries that print to the console through their own handlers keep only critical records there, and
+    every library's records reach the log file (``-v`` shows them). Called again after Ray and Ray Data start:
+    they install (and reset) their handlers late."""
     if not state.active:
         return
     for name in _LIBRARY_LOGGERS:
@@ -151,8 +151,10 @@ def quiet_libraries() -> None:
         if state.file_handler is not None and not logger.propagate and state.file_handler not in logger.handlers:
             logger.addHandler(state.file_handler)
         for handler in logger.handlers:
+            # Not even their errors: a failure reaches the CLI, which prints it as one line (or the traceback's
+            # tail and the log's path); Ray Data's executor tracebacks of a row error would bury that line.
             if not state.verbose and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL)
     if state.verbose:
         return
     with contextlib.suppress(ImportError):
@@ -307,6 +309,14 @@ def summary(lines: list[str]) -> None:
     print("\n".join(block), flush=True)
     for line in lines:
         log.info("summary: %s", line)
+
+
+def raised_in_ray(exc: BaseException) -> BaseException:
+    """The error itself when it was raised inside a Ray task or actor: Ray re-raises it as a ``RayTaskError`` that
+    is also an instance of its class, but whose message is the remote traceback. Its one line is the cause's."""
+    while type(exc).__name__.startswith("RayTaskError") and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
 
 
 def report_failure(command: str, exc: BaseException) -> None:
