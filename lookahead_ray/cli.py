@@ -81,11 +81,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from lookahead_ray.data.pipeline import run_prepare
-    from lookahead_ray.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides)
-    init_ray()
-    report = run_prepare(cfg)
+    report = run_prepare(cfg)  # starts (or joins) Ray once the config and the output are checked
     console.summary([report.summary(), f"report: {report.output_dir}/prepare_report.json"])
     return 0
 

@@ -50,3 +50,7 @@ class JudgeUnavailableError(LookaheadError, RuntimeError):
 class JobError(LookaheadError, RuntimeError):
     """A cluster job cannot be submitted or followed: unreachable address, refused token, missing job SDK,
     a working_dir or config that would not reach the cluster."""
+
+
+class OutputInUseError(LookaheadError):
+    """Another live run holds the output location (``storage.held_output``): names the holder and its lock file."""

@@ -331,6 +331,91 @@ def check_output_dir(target: str | Path, marker: str, key: str, inputs: Iterable
                           "replace it: choose an empty or new location")
 
 
+LOCK_SUFFIX = ".lookahead-lock"
+
+
+def lock_location(target: str) -> str:
+    """The lock file of an output: beside it, so it exists before the output does and outlives a replace."""
+    return join(parent(target), f".{name(target)}{LOCK_SUFFIX}")
+
+
+@contextmanager
+def held_output(target: str | Path, key: str) -> Iterator[None]:
+    """Hold ``target`` for this run: one run at a time writes an output (prepare, train, eval, tune).
+
+    The lock is a file beside the output naming its holder (host, pid, start, command). A second run fails at once,
+    naming the holder; a lock whose process is gone (same host, no such pid) is stale and taken over. Local locks
+    are created exclusively; on an object store, written and read back (a race within the same second between two
+    runs is not excluded there).
+
+    Raises:
+        OutputInUseError: another live run holds ``target`` (names it and the lock file).
+    """
+    import datetime
+    import socket
+    import sys
+
+    target = absolute(target)
+    lock = lock_location(target)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": datetime.datetime.now().isoformat(
+        timespec="seconds"), "token": uuid.uuid4().hex, "command": " ".join(["lookahead-ray", *sys.argv[1:]])[:300]}
+    _take_lock(lock, mine, target, key)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # never mask the run's own error; a leftover lock is detected as stale
+            if _read_lock(lock).get("token") == mine["token"]:
+                fs, path = resolve(lock)
+                fs.delete_file(path)
+
+
+def _read_lock(lock: str) -> dict[str, Any]:
+    try:
+        return json.loads(read_text(lock))
+    except (OSError, ValueError):
+        return {}
+
+
+def _take_lock(lock: str, mine: dict[str, Any], target: str, key: str) -> None:
+    from lookahead_ray.errors import OutputInUseError
+
+    text = json.dumps(mine)
+    if not is_uri(lock):
+        Path(lock).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                f.write(text)
+            return
+        except FileExistsError:
+            pass
+    holder = _read_lock(lock) if exists(lock) else {}
+    if holder and _holder_alive(holder):
+        raise OutputInUseError(f"{key}: {target} is being written by another run (host {holder.get('host')}, pid "
+                          f"{holder.get('pid')}, since {holder.get('started')}: {holder.get('command')}); wait for it "
+                          f"or choose another location. If that run is gone, delete {lock}")
+    write_text(lock, text)  # free, or stale: taken over
+    if _read_lock(lock).get("token") != mine["token"]:  # another run took it over in the same moment
+        raise OutputInUseError(f"{key}: {target} was just taken by another run ({_read_lock(lock).get('command')})")
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    """A holder on another host is taken to be alive (its process cannot be checked from here)."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        pid = int(holder.get("pid") or -1)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
 def _is_empty(location: str) -> bool:
     """No entry directly below ``location`` (or it does not exist)."""
     import pyarrow.fs as pafs

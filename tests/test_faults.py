@@ -54,3 +54,42 @@ def test_a_bad_row_raised_inside_ray_data_is_one_line_naming_file_row_and_field(
     assert expected in lines[0] and "Traceback" not in result.stderr
     assert not out.exists()  # nothing written, nothing staged beside it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
+
+
+def test_a_second_run_into_an_output_another_live_run_holds_fails_at_once_naming_it(tmp_path):
+    import socket
+
+    from lookahead_ray import storage
+
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\n".join(_rows()) + b"\n")
+    out = tmp_path / "prepared"
+    with storage.held_output(str(out), "data.output_dir"):  # the first run (this process) is still writing
+        lock = json.loads(Path(storage.lock_location(str(out))).read_text())
+        assert lock["host"] == socket.gethostname() and lock["pid"] == os.getpid()
+        result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]",
+                          f"data.output_dir={out}"], "127.0.0.1:1", tmp_path)  # refused before any Ray address is used
+    assert result.returncode == 2
+    assert console_lines(result) == [
+        f"lookahead-ray prepare: error: data.output_dir: {out} is being written by another run (host "
+        f"{socket.gethostname()}, pid {os.getpid()}, since {lock['started']}: {lock['command']}); wait for it or "
+        f"choose another location. If that run is gone, delete {storage.lock_location(str(out))}"]
+    assert not out.exists() and not Path(storage.lock_location(str(out))).exists()  # released by its holder
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(ray_local, tmp_path):
+    import socket
+
+    from lookahead_ray import storage
+
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\n".join(_rows()) + b"\n")
+    out = tmp_path / "prepared"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = Path(storage.lock_location(str(out)))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier",
+                                "token": "gone", "command": "lookahead-ray prepare (killed)"}))
+    result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]",
+                      f"data.output_dir={out}"], ray_local.get_runtime_context().gcs_address, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "prepare_report.json").is_file() and not lock.exists()

@@ -34,7 +34,7 @@ from lookahead_ray.data.report import REPORT_NAME, PrepareReport
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
 from lookahead_ray.errors import ConfigError, RowError
-from lookahead_ray.runtime import check_resources, check_visible_on_every_node
+from lookahead_ray.runtime import check_resources, check_visible_on_every_node, init_ray
 
 READ_CPUS = 0.5
 _MAX_EXAMPLES = 20
@@ -179,6 +179,15 @@ def find_row_error(exc: BaseException) -> RowError | None:
 
 
 def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> PrepareReport:
+    """Run the pipeline and write ``cfg.data.output_dir`` (shards + report) atomically, holding the output for
+    this run (``storage.held_output``: a second run into it fails at once, naming this one); see :func:`_prepare`."""
+    if not cfg.stage_dir("prepare"):
+        raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
+    with storage.held_output(storage.absolute(cfg.stage_dir("prepare")), "data.output_dir"):
+        return _prepare(cfg, locations_checked)
+
+
+def _prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> PrepareReport:
     """Run the pipeline and write ``cfg.data.output_dir`` (shards + report) atomically.
 
     ``locations_checked``: the caller (``train``) already checked that every node sees the output's parent and the
@@ -195,6 +204,7 @@ def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> Prepar
     input_dirs = [storage.absolute(spec) for spec in cfg.data.inputs if storage.is_dir(spec)]
     files = expand_inputs(cfg.data)
     storage.check_output_dir(output, REPORT_NAME, "data.output_dir", inputs=files + input_dirs)
+    init_ray()  # a no-op when connected (train, tune, the demo)
     # Ray Data's write tasks write here and its read tasks read the inputs, on whichever node they run.
     if not locations_checked:
         check_visible_on_every_node({"data.output_dir": storage.parent(output)},

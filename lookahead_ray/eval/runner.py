@@ -76,6 +76,15 @@ def _generation_rows(cfg: LookaheadConfig, sets: dict[str, list[dict]]) -> list[
 
 
 def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, Any]:
+    """Evaluate ``models`` ([(name, directory)]) into ``eval.output_dir``, held for this run (a second run into it
+    fails at once, naming this one); see :func:`_evaluate`."""
+    if not cfg.stage_dir("eval"):
+        raise ConfigError("eval.output_dir is not set (use --output-dir DIR)")
+    with storage.held_output(storage.absolute(cfg.stage_dir("eval")), "eval.output_dir"):
+        return _evaluate(cfg, models)
+
+
+def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, Any]:
     """Evaluate ``models`` ([(name, directory)]) and write the outputs; returns the results dict.
 
     Raises:

@@ -152,7 +152,13 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
 
 def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers: the plan of
-    ``cfg`` (``train.plan``) is made and must pass before Ray starts; this executes it."""
+    ``cfg`` (``train.plan``) is made and must pass before Ray starts; this executes it, holding the run directory
+    (``storage.held_output``: a second run into it fails at once, naming this one)."""
+    with storage.held_output(train_dir(cfg), "train.output_dir"):
+        return _train_on_ray(cfg, callbacks)
+
+
+def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult:
     from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, check_visible_on_every_node, init_ray
     from lookahead_ray.train.plan import plan_training
 
@@ -213,6 +219,11 @@ def _user_error(error: BaseException) -> LookaheadError | None:
 
 def run_training_local(cfg: LookaheadConfig) -> TrainResult:
     """The same loop in this process, without Ray (single GPU or CPU); ``train.num_workers`` is ignored."""
+    with storage.held_output(train_dir(cfg), "train.output_dir"):
+        return _train_here(cfg)
+
+
+def _train_here(cfg: LookaheadConfig) -> TrainResult:
     from lookahead_ray.train.loop import run_loop
     from lookahead_ray.train.plan import plan_training
     from lookahead_ray.train.worker_io import LocalWorkerIO

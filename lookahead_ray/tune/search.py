@@ -39,6 +39,13 @@ class SearchResult:
 
 
 def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
+    """Run (or, with ``resume``, continue) the search ``cfg.tune`` describes, holding its directory (a second
+    search into it fails at once, naming this one); see :func:`_search`."""
+    with storage.held_output(_search_dir(cfg), "tune.output_dir"):
+        return _search(cfg, resume)
+
+
+def _search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     """Run (or, with ``resume``, continue) the search ``cfg.tune`` describes; writes the search directory.
 
     Raises:
