@@ -93,3 +93,56 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(ray_local, tmp_pat
                       f"data.output_dir={out}"], ray_local.get_runtime_context().gcs_address, tmp_path)
     assert result.returncode == 0, result.stderr
     assert (out / "prepare_report.json").is_file() and not lock.exists()
+
+
+def _compressed_inputs(directory: Path) -> int:
+    """A directory of the inputs users have: gzip JSONL, zstd JSON, and JSONL with a byte order mark."""
+    import gzip
+
+    import pyarrow as pa
+
+    directory.mkdir()
+    rows = _rows(12)
+    (directory / "a.jsonl.gz").write_bytes(gzip.compress(b"\n".join(rows[:5]) + b"\n"))
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as stream:
+        stream.write(("[" + ",".join(r.decode() for r in rows[5:9]) + "]").encode())
+    (directory / "b.json.zst").write_bytes(sink.getvalue().to_pybytes())
+    (directory / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows[9:]) + b"\n")
+    return len(rows)
+
+
+def test_compressed_and_bom_inputs_are_read_with_their_row_numbers(ray_local, tmp_path):
+    from lookahead_ray.config import load_config
+    from lookahead_ray.data.pipeline import run_prepare
+
+    rows = _compressed_inputs(tmp_path / "inputs")
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [f"data.inputs=[{tmp_path / 'inputs'}]",
+                                                           f"data.output_dir={tmp_path / 'prepared'}",
+                                                           "data.on_error=fail"])
+    report = run_prepare(cfg)
+    assert report.rows_read == rows and report.rows_written == rows
+
+
+def test_preview_reads_a_gzip_file_with_a_bom_and_names_a_bad_row_by_its_line(tmp_path):
+    import gzip
+
+    from lookahead_ray.cli import main
+
+    rows = _rows(6)
+    rows[0] = b"\xef\xbb\xbf" + rows[0]
+    good = tmp_path / "rows.jsonl.gz"
+    good.write_bytes(gzip.compress(b"\n".join(rows) + b"\n"))
+    out = tmp_path / "out.jsonl"
+    config = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert main(["preview", "--config", config, "--input_file", str(good), "--output_file", str(out),
+                 "--input_format", "jsonl", "--output_format", "jsonl"]) == 0
+    assert len(out.read_text().splitlines()) == 6
+    rows[3] = b'{"input": "q", "output": '
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b"\n".join(rows) + b"\n"))
+    with pytest.raises(Exception, match=r"bad.jsonl.gz.*(row|line) 4"):
+        from lookahead_ray.config import load_config
+        from lookahead_ray.data.preview_file import run_preview_file
+
+        run_preview_file(load_config(config), str(bad), str(tmp_path / "out2.jsonl"), "jsonl", "jsonl")

@@ -16,7 +16,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from lookahead_ray import storage
-from lookahead_ray.data.readers import ByteWindow, RowReader, file_format, line_ranges
+from lookahead_ray.data.readers import ByteWindow, RowReader, compression, file_format, line_ranges, open_data
 
 
 class RecordFileDatasource(Datasource):
@@ -36,16 +36,16 @@ class RecordFileDatasource(Datasource):
         for path in self.paths:
             fmt = file_format(path, self.input_format)
             size = storage.size(path)
-            ranges = line_ranges(path, self.split_bytes) if fmt == "jsonl" and size > self.split_bytes else \
-                [(0, size, 0)]
+            splittable = fmt == "jsonl" and compression(path) is None and size > self.split_bytes
+            ranges = line_ranges(path, self.split_bytes) if splittable else [(0, size, 0)]
             for start, end, lines_before in ranges:
                 metadata = BlockMetadata(num_rows=None, size_bytes=end - start, exec_stats=None, input_files=(path,))
                 tasks.append(ReadTask(partial(self._read, path, fmt, start, end, lines_before), metadata))
         return tasks
 
     def _read(self, path: str, fmt: str, start: int, end: int, lines_before: int) -> Iterator[pa.Table]:
-        with storage.open_input(path) as f:
-            if fmt != "jsonl":  # whole files: Parquet footers and JSON lists need the file itself
+        with open_data(path) as f:
+            if fmt != "jsonl" or compression(path):  # whole files: Parquet footers, JSON lists, compressed streams
                 yield from self.reader.tables(f, path, fmt)
                 return
             f.seek(start)

@@ -20,6 +20,7 @@ from typing import IO, Any
 from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.data.preview import AnswerPreviewer, preview_records
+from lookahead_ray.data.readers import UTF8_BOM, open_data
 from lookahead_ray.data.records import RecordSchema
 from lookahead_ray.errors import ConfigError, RowError
 from lookahead_ray.storage import atomic_file
@@ -38,8 +39,10 @@ def _read_jsonl_chunks(path: str) -> Iterator[tuple[int, list[bytes]]]:
     """(first line number, raw lines) chunks; blank lines are skipped as the reference does."""
     chunk: list[bytes] = []
     lines: list[int] = []
-    with storage.open_input(path) as f:
+    with open_data(path) as f:
         for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(UTF8_BOM)  # a byte order mark is not part of the first record
             if not line.strip():
                 continue
             chunk.append(line)
@@ -67,7 +70,7 @@ def _parse_jsonl(path: str, lines: list[int], raw: list[bytes]) -> list[Any]:
 
 def _read_json_chunks(path: str) -> Iterator[tuple[list[int], list[Any]]]:
     try:
-        with io.TextIOWrapper(storage.open_input(path), encoding="utf-8") as f:
+        with io.TextIOWrapper(open_data(path), encoding="utf-8-sig") as f:  # a byte order mark is accepted
             data = json.load(f)
     except UnicodeDecodeError as exc:
         raise RowError("invalid_utf8", None, str(exc), path, None) from None

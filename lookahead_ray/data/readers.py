@@ -21,6 +21,9 @@ from lookahead_ray.config import DataConfig
 from lookahead_ray.errors import ConfigError, RowError
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".zst": "zstd"}
+"""JSONL and JSON files may be compressed (``rows.jsonl.gz``, ``rows.json.zst``): read as one stream each."""
+UTF8_BOM = b"\xef\xbb\xbf"
 READ_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()),
                          ("record", pa.large_string()), ("read_error", pa.string())])
 BLOCK_ROWS = 8192
@@ -62,10 +65,11 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
             files += _hf_arrow_files(spec, cfg.hf_split)
         elif storage.is_dir(spec):
             # Hidden files and folders are skipped: .ipynb_checkpoints/*-checkpoint.jsonl would duplicate rows.
-            found = [f for f in storage.list_files(spec) if PurePosixPath(f).suffix in FORMAT_BY_SUFFIX
+            found = [f for f in storage.list_files(spec) if data_suffix(f) in FORMAT_BY_SUFFIX
                      and not any(part.startswith(".") for part in PurePosixPath(f[len(spec):]).parts)]
             if not found:
-                raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files")
+                raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files "
+                                        "(nor .jsonl.gz / .json.gz / .jsonl.zst)")
             files += found
         elif storage.is_file(spec):
             files.append(spec)
@@ -75,15 +79,38 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
                 raise FileNotFoundError(f"data.inputs: {spec} does not exist and matches no file")
             files += matches
     for f in files:
-        if cfg.input_format == "auto" and PurePosixPath(f).suffix not in FORMAT_BY_SUFFIX:
-            raise ConfigError(f"data.input_format: {f} has an unknown file type; set data.input_format")
+        if cfg.input_format == "auto" and data_suffix(f) not in FORMAT_BY_SUFFIX:
+            raise ConfigError(f"data.input_format: {f} has an unknown file type (known: .jsonl, .json, .parquet, "
+                              ".arrow, and .jsonl / .json compressed as .gz or .zst); set data.input_format")
+        if compression(f) and file_format(f, cfg.input_format) not in ("jsonl", "json"):
+            raise ConfigError(f"data.inputs: {f}: only JSONL and JSON files are read compressed")
     return list(dict.fromkeys(files))
+
+
+def compression(path: str) -> str | None:
+    """The codec of a compressed JSONL / JSON file (by its last suffix), else None."""
+    return COMPRESSION_BY_SUFFIX.get(PurePosixPath(path).suffix)
+
+
+def data_suffix(path: str) -> str:
+    """The suffix that names the format: ``.jsonl`` for ``rows.jsonl.gz``."""
+    pure = PurePosixPath(path)
+    return pure.with_suffix("").suffix if pure.suffix in COMPRESSION_BY_SUFFIX else pure.suffix
 
 
 def file_format(path: str, input_format: str) -> str:
     if input_format == "hf":
         return "arrow"
-    return input_format if input_format != "auto" else FORMAT_BY_SUFFIX[PurePosixPath(path).suffix]
+    return input_format if input_format != "auto" else FORMAT_BY_SUFFIX[data_suffix(path)]
+
+
+def open_data(path: str) -> IO[bytes]:
+    """A data file's bytes, decompressed when its name says it is compressed (streaming: never whole in memory)."""
+    import io
+
+    f = storage.open_input(path)
+    codec = compression(path)
+    return f if codec is None else io.BufferedReader(pa.input_stream(f, compression=codec))
 
 
 def line_ranges(path: str, target_bytes: int) -> list[tuple[int, int, int]]:
@@ -159,7 +186,10 @@ class RowReader:
         """Lines as rows. A line is held only up to ``max_row_bytes``; past that its bytes are just counted to
         its newline, so a huge file without newlines costs bounded memory and is one row_too_large row."""
         carry, carry_size, number = bytearray(), 0, lines_before
+        first = lines_before == 0
         while chunk := f.read(_READ_BYTES):
+            if first:  # a UTF-8 byte order mark (Windows editors write one) is not part of the first record
+                chunk, first = chunk.removeprefix(UTF8_BOM), False
             pieces = chunk.split(b"\n")  # pieces[0] continues the carried line; pieces[-1] goes on in the next chunk
             for i, piece in enumerate(pieces[:-1]):
                 size = carry_size + len(piece) if i == 0 else len(piece)
@@ -190,7 +220,7 @@ class RowReader:
 
     def _json_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
         try:
-            data = json.loads(f.read().decode("utf-8"))
+            data = json.loads(f.read().decode("utf-8-sig"))  # a byte order mark is accepted
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             # A JSON file is one value: a syntax error makes the whole file unreadable, not one row.
             raise RowError("invalid_json", None, f"not valid UTF-8 JSON: {exc}", path, None) from exc

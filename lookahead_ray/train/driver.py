@@ -309,7 +309,7 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
     row report (as ``prepare`` writes it) goes to ``<train dir>/rows_<run_name>.json``."""
     import pyarrow as pa
 
-    from lookahead_ray.data.readers import RowReader, expand_inputs, file_format
+    from lookahead_ray.data.readers import RowReader, expand_inputs, file_format, open_data
     from lookahead_ray.data.transform import TOKEN_COLUMNS, PrepareRecords
     from lookahead_ray.train.data_order import write_token_file
 
@@ -319,7 +319,7 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
     files = expand_inputs(cfg.data)  # sorted, rows in file order: the canonical order of data_order
     rows: list[dict[str, Any]] = []
     for file in files:
-        with storage.open_input(file) as f:
+        with open_data(file) as f:
             for table in reader.tables(f, file, file_format(file, cfg.data.input_format)):
                 rows += transform(table).to_pylist()
     _write_row_report(cfg, output_dir, files, rows)
