@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lookahead_ray import console
 from lookahead_ray.config import LookaheadConfig, load_config
-from lookahead_ray.errors import ConfigError, LookaheadError
+from lookahead_ray.errors import ConfigError, LookaheadError, fixable_os_error, os_error_line
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -372,12 +372,18 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         exc = console.raised_in_ray(exc)
         config = getattr(args, "config", None)
-        where = f"{config}: " if isinstance(exc, ConfigError) and config and config not in str(exc) else ""
+        about_file = isinstance(exc, ConfigError) and not str(exc).startswith(("override ", "--"))
+        where = f"{config}: " if about_file and config and config not in str(exc) else ""
         print(f"lookahead-ray {args.command}: error: {where}{exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug or a failure inside Ray: its traceback goes to the log file and stderr
-        console.report_failure(args.command, exc)
-        return 1
+        fixable = fixable_os_error(exc)  # a full or read-only disk, a permission, a directory for a file
+        if fixable is None:
+            console.report_failure(args.command, exc)
+            return 1
+        console.log_failure(args.command, exc)
+        print(f"lookahead-ray {args.command}: error: {os_error_line(fixable)}", file=sys.stderr)
+        return 2
     finally:
         console.close()
 

@@ -319,6 +319,18 @@ def raised_in_ray(exc: BaseException) -> BaseException:
     return exc
 
 
+def log_failure(command: str, exc: BaseException) -> None:
+    """The full traceback of an error shown on the console as one line, into the log file (when it can be
+    written: on a full disk it cannot, and the console says so)."""
+    if state.file_handler is None:
+        return
+    log.error("lookahead-ray %s failed:\n%s", command, "".join(traceback.format_exception(exc)))
+    try:
+        state.file_handler.flush()
+    except OSError:
+        print(f"lookahead-ray {command}: the log {state.log_path} could not be written", file=sys.stderr)
+
+
 def report_failure(command: str, exc: BaseException) -> None:
     """An unexpected error: the full traceback in the log file, its last lines and the file's path on stderr."""
     text = "".join(traceback.format_exception(exc))

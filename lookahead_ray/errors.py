@@ -54,3 +54,39 @@ class JobError(LookaheadError, RuntimeError):
 
 class OutputInUseError(LookaheadError):
     """Another live run holds the output location (``storage.held_output``): names the holder and its lock file."""
+
+
+FIXABLE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded", 30: "the file system is read-only",
+                  13: "permission denied", 1: "operation not permitted", 21: "it is a directory, not a file",
+                  20: "a part of the path is a file, not a directory"}
+"""OS errors a person fixes (ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EISDIR, ENOTDIR), by errno, in words."""
+
+
+def fixable_os_error(error: BaseException) -> OSError | None:
+    """The OSError a person can act on behind ``error``: itself, its causes, or a Ray task's or Ray Train
+    worker's failure (``cause``, ``worker_failures``), else None."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in FIXABLE_ERRNOS:
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
+                    *getattr(current, "worker_failures", {}).values()]
+    return None
+
+
+def os_error_line(error: OSError) -> str:
+    """One line: what happened, to which path, and what to do."""
+    import re
+
+    # A staged sibling (".NAME.tmp-HEX", storage.staging_path) is named by the output it stands for.
+    named = [re.sub(r"/\.([^/]+)\.tmp-[0-9a-f]+$", r"/\1", str(p)) for p in (error.filename, error.filename2) if p]
+    paths = " -> ".join(dict.fromkeys(named))
+    advice = {28: "free space there (or write elsewhere) and rerun", 122: "free space there (or write elsewhere) and rerun",
+              30: "write the output somewhere writable", 13: "fix the permissions or write elsewhere",
+              1: "fix the permissions or write elsewhere"}.get(error.errno, "fix the path")
+    return f"{FIXABLE_ERRNOS[error.errno]}: {paths or error.strerror}; {advice}"

@@ -273,8 +273,16 @@ def atomic_file(target: str | Path, binary: bool = False) -> Iterator[IO]:
         f.close()
         os.replace(staging, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # closing flushes the buffer: on a full disk that fails again
+            f.close()
+        staging.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: name the one being written
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()
         staging.unlink(missing_ok=True)
         raise
 

@@ -46,7 +46,7 @@ def test_bad_config_names_file_and_key(tmp_path, text, message):
 
 
 def test_bad_override_is_rejected():
-    with pytest.raises(ConfigError, match="unknown key preview.m"):
+    with pytest.raises(ConfigError, match=r"override preview.m=...: unknown key 'm' in preview"):
         load_config(None, ["preview.m=3"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["preview.mode"])

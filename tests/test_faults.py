@@ -146,3 +146,56 @@ def test_preview_reads_a_gzip_file_with_a_bom_and_names_a_bad_row_by_its_line(tm
         from lookahead_ray.data.preview_file import run_preview_file
 
         run_preview_file(load_config(config), str(bad), str(tmp_path / "out2.jsonl"), "jsonl", "jsonl")
+
+
+def _preview_args(input_file: Path, output: Path, *overrides: str, config: Path | None = None) -> list[str]:
+    return ["preview", "--config", str(config or REPO / "configs" / "tiny_cpu.yaml"), "--input_file", str(input_file),
+            "--output_file", str(output), "--input_format", "jsonl", "--output_format", "jsonl", *overrides]
+
+
+def _in_own_mounts(mounts: list[tuple[str, Path]], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a mount namespace of its own with small tmpfs mounts (a full disk, a read-only one)."""
+    import shlex
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a tmpfs (CI runs as root)")
+    script = " && ".join([*(f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(path))}" for options, path in mounts),
+                          shlex.join([sys.executable, "-m", "lookahead_ray", *args])])
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_and_a_read_only_one_are_one_line_each_and_leave_nothing(tmp_path):
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"input": f"What is {i} plus {i}? " * 5, "output": f"It is {2 * i}. " * 5})
+                            + "\n" for i in range(600)))  # its preview is ~250 KB
+    full, read_only = tmp_path / "full", tmp_path / "read_only"
+    full.mkdir(), read_only.mkdir()
+    result = _in_own_mounts([("size=32k", full)], _preview_args(data, full / "out.jsonl"), tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert console_lines(result) == [f"lookahead-ray preview: error: no space left on the device: {full}/out.jsonl; "
+                                     "free space there (or write elsewhere) and rerun"]
+    result = _in_own_mounts([("ro", read_only)], _preview_args(data, read_only / "out.jsonl"), tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert console_lines(result) == [f"lookahead-ray preview: error: the file system is read-only: {read_only}/out.jsonl;"
+                                     " write the output somewhere writable"]
+
+
+def test_config_mistakes_name_the_command_line_or_the_file_line(tmp_path):
+    from lookahead_ray.cli import main
+
+    data = REPO / "examples" / "sample_tasks.jsonl"
+    command = ["prepare", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "preview.mdoe=real"]
+    result = subprocess.run([sys.executable, "-m", "lookahead_ray", *command], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 2 and console_lines(result) == [
+        "lookahead-ray prepare: error: override preview.mdoe=...: unknown key 'mdoe' in preview (known: connector, "
+        "exact_span, mode, num_answer_tokens, virtual_prefix)"]
+    assert main(_preview_args(data, tmp_path)) == 2  # the output names a directory
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("preview:\n  mode: real\n num_answer_tokens: [\n")
+    with pytest.raises(Exception, match=rf"{broken}, line 3, column 2: not valid YAML"):
+        from lookahead_ray.config import load_config
+
+        load_config(broken)

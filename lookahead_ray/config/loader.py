@@ -36,8 +36,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _read_yaml(Path(path), seen=()) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     for key, value in parse_overrides(overrides or []).items():
+        check_override_key(key)  # a typo on the command line is the command line's error, not the file's
         _set_dotted(data, key, value, source)
     return build(LookaheadConfig, data, source)
+
+
+def check_override_key(key: str) -> None:
+    """``key`` names a field of the config (sections walked down to a plain field; below a mapping field such as
+    ``train.deepspeed_overrides`` anything goes).
+
+    Raises:
+        ConfigError: "override KEY: unknown key ..." with the known keys at the first wrong part.
+    """
+    cls: Any = LookaheadConfig
+    for depth, part in enumerate(key.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            return
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(key.split(".")[:depth])
+            raise ConfigError(f"override {key}=...: unknown key {part!r}{f' in {where}' if where else ''} "
+                              f"(known: {', '.join(sorted(fields))})")
+        hint = typing.get_type_hints(cls)[part]
+        options = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        cls = hint if dataclasses.is_dataclass(hint) else (options[0] if options else None)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -72,8 +94,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{source}: base includes form a cycle: {' -> '.join(map(str, seen))}")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        with path.open(encoding="utf-8") as stream:  # a YAML error then names the file, not "<unicode string>"
+            loaded = yaml.safe_load(stream)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from exc
+    except OSError as exc:
         raise ConfigError(f"{source}: cannot read config: {exc}") from exc
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")

@@ -162,6 +162,8 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
         raise FileNotFoundError(f"input file not found: {input_file}")
     if storage.absolute(output_file) == storage.absolute(input_file):
         raise ConfigError(f"--output_file: {output_file} is the input file; write the preview somewhere else")
+    if storage.is_dir(output_file):
+        raise ConfigError(f"--output_file: {output_file} is a directory; name the file to write")
     readers = {"jsonl": _read_jsonl_chunks, "json": _read_json_chunks, "parquet": _read_parquet_chunks}
     chunks = readers[input_format](input_file)
     if cfg.preview.mode == "real" and tokenizer is None:
