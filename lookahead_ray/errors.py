@@ -27,7 +27,8 @@ class RowError(LookaheadError, ValueError):
         return RowError(self.reason, self.field, self.detail, file, row)
 
     def __str__(self) -> str:
-        where = f"{self.file or '<records>'}, row {self.row if self.row is not None else '?'}"
+        # A whole-file error (not a list, truncated Parquet) has no row: the file alone says where.
+        where = f"{self.file or '<records>'}" + (f", row {self.row}" if self.row is not None else "")
         field = f", field {self.field!r}" if self.field else ""
         return f"{where}{field}: {self.reason}: {self.detail}"
 

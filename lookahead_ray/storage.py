@@ -368,6 +368,7 @@ def held_output(target: str | Path, key: str) -> Iterator[None]:
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": datetime.datetime.now().isoformat(
         timespec="seconds"), "token": uuid.uuid4().hex, "command": " ".join(["lookahead-ray", *sys.argv[1:]])[:300]}
     _take_lock(lock, mine, target, key)
+    _remove_leftovers(target)
     try:
         yield
     finally:
@@ -375,6 +376,34 @@ def held_output(target: str | Path, key: str) -> Iterator[None]:
             if _read_lock(lock).get("token") == mine["token"]:
                 fs, path = resolve(lock)
                 fs.delete_file(path)
+
+
+_LEFTOVER = re.compile(r"^\.(.+)\.(tmp|old)-[0-9a-f]{12}$")
+
+
+def _remove_leftovers(target: str) -> None:
+    """Staged siblings of ``target`` and staged entries inside it (``.NAME.tmp-HEX``, ``.NAME.old-HEX``: only
+    this tool names things so) are left by runs that died: with the output held, no live run is writing them."""
+    import logging
+
+    import pyarrow.fs as pafs
+
+    removed = []
+    for directory, only_name in ((parent(target), name(target)), (target, None)):
+        fs, path = resolve(directory)
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _LEFTOVER.match(entry.base_name)
+            if match and (only_name is None or match.group(1) == only_name):
+                leftover = join(directory, entry.base_name)
+                remove_tree(leftover) if entry.type == pafs.FileType.Directory else fs.delete_file(entry.path)
+                removed.append(leftover)
+    if removed:
+        logging.getLogger(__name__).warning("removed %d staging location(s) left by an interrupted run: %s",
+                                            len(removed), ", ".join(removed))
 
 
 def _read_lock(lock: str) -> dict[str, Any]:

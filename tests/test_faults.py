@@ -89,10 +89,17 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(ray_local, tmp_pat
     lock = Path(storage.lock_location(str(out)))
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier",
                                 "token": "gone", "command": "lookahead-ray prepare (killed)"}))
+    leftover = tmp_path / ".prepared.tmp-0123456789ab"  # the killed run's staging, with a partial shard
+    leftover.mkdir()
+    (leftover / "part-0.parquet").write_bytes(b"PAR1 partial")
+    foreign = tmp_path / ".prepared.tmp-mine"  # not a name this tool makes: never touched
+    foreign.mkdir()
     result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]",
                       f"data.output_dir={out}"], ray_local.get_runtime_context().gcs_address, tmp_path)
     assert result.returncode == 0, result.stderr
     assert (out / "prepare_report.json").is_file() and not lock.exists()
+    assert not leftover.exists() and foreign.is_dir()
+    assert "removed 1 staging location(s) left by an interrupted run" in result.stderr
 
 
 def _compressed_inputs(directory: Path) -> int:
@@ -199,3 +206,33 @@ def test_config_mistakes_name_the_command_line_or_the_file_line(tmp_path):
         from lookahead_ray.config import load_config
 
         load_config(broken)
+
+
+def test_inputs_that_give_no_rows_are_named_and_a_truncated_parquet_names_its_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lookahead_ray.config import DataConfig
+    from lookahead_ray.data.readers import expand_inputs
+    from lookahead_ray.errors import ConfigError, RowError
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "rows.jsonl").write_bytes(b"\n".join(_rows(3)) + b"\n")
+    (inputs / "notes.txt").write_text("not data")
+    (inputs / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"files of no known type are not read: .*notes.txt \(data.on_error is fail"):
+        expand_inputs(DataConfig(inputs=[str(inputs)]))
+    with pytest.raises(ConfigError, match=r"empty file\(s\), no rows: .*empty.jsonl"):
+        expand_inputs(DataConfig(inputs=[str(inputs / "rows.jsonl"), str(inputs / "empty.jsonl")]))
+    assert len(expand_inputs(DataConfig(inputs=[str(inputs)], on_error="skip"))) == 2  # warned, read
+
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"input": ["q"] * 50, "output": ["a"] * 50}), table)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    from lookahead_ray.data.readers import RowReader
+
+    with pytest.raises(RowError) as info, open(truncated, "rb") as f:
+        list(RowReader(1 << 20).rows(f, str(truncated), "parquet"))
+    assert str(info.value).startswith(f"{truncated}: unreadable_file: not a readable Parquet file")

@@ -84,10 +84,15 @@ def _read_json_chunks(path: str) -> Iterator[tuple[list[int], list[Any]]]:
 
 
 def _read_parquet_chunks(path: str) -> Iterator[tuple[list[int], list[Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:  # truncated or not Parquet: the whole file is unreadable
+        raise RowError("unreadable_file", None, f"not a readable Parquet file ({exc})", path, None) from None
     row = 1
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
         records = batch.to_pylist()
         yield list(range(row, row + len(records))), records
         row += len(records)

@@ -10,6 +10,7 @@ training path both read through here.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import IO
@@ -65,8 +66,11 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
             files += _hf_arrow_files(spec, cfg.hf_split)
         elif storage.is_dir(spec):
             # Hidden files and folders are skipped: .ipynb_checkpoints/*-checkpoint.jsonl would duplicate rows.
-            found = [f for f in storage.list_files(spec) if data_suffix(f) in FORMAT_BY_SUFFIX
-                     and not any(part.startswith(".") for part in PurePosixPath(f[len(spec):]).parts)]
+            visible = [f for f in storage.list_files(spec)
+                       if not any(part.startswith(".") for part in PurePosixPath(f[len(spec):]).parts)]
+            found = [f for f in visible if data_suffix(f) in FORMAT_BY_SUFFIX]
+            _not_read([f for f in visible if f not in found], f"data.inputs: directory {spec}: files of no known "
+                      "type are not read", cfg.on_error)
             if not found:
                 raise FileNotFoundError(f"data.inputs: directory {spec} holds no .jsonl/.json/.parquet files "
                                         "(nor .jsonl.gz / .json.gz / .jsonl.zst)")
@@ -84,7 +88,20 @@ def expand_inputs(cfg: DataConfig) -> list[str]:
                               ".arrow, and .jsonl / .json compressed as .gz or .zst); set data.input_format")
         if compression(f) and file_format(f, cfg.input_format) not in ("jsonl", "json"):
             raise ConfigError(f"data.inputs: {f}: only JSONL and JSON files are read compressed")
-    return list(dict.fromkeys(files))
+    files = list(dict.fromkeys(files))
+    _not_read([f for f in files if not storage.is_uri(f) and storage.size(f) == 0], "data.inputs: empty file(s), no "
+              "rows", cfg.on_error)
+    return files
+
+
+def _not_read(paths: list[str], what: str, on_error: str) -> None:
+    """Inputs that give no rows are named: a warning, or with ``data.on_error: fail`` an error."""
+    if not paths:
+        return
+    line = f"{what}: {', '.join(paths[:5])}{f' and {len(paths) - 5} more' if len(paths) > 5 else ''}"
+    if on_error == "fail":
+        raise ConfigError(f"{line} (data.on_error is fail; remove them, or set data.on_error=skip to go on)")
+    logging.getLogger(__name__).warning("%s", line)
 
 
 def compression(path: str) -> str | None:
@@ -233,7 +250,11 @@ class RowReader:
     def _parquet_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
         import pyarrow.parquet as pq
 
-        yield from self._table_rows(pq.ParquetFile(f).iter_batches(batch_size=BLOCK_ROWS))
+        try:
+            parquet = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as exc:  # truncated or not Parquet: the whole file is unreadable
+            raise RowError("unreadable_file", None, f"not a readable Parquet file ({exc})", path, None) from None
+        yield from self._table_rows(parquet.iter_batches(batch_size=BLOCK_ROWS))
 
     def _arrow_rows(self, f: IO[bytes], path: str) -> Iterator[tuple]:
         yield from self._table_rows(pa.ipc.open_stream(f))  # `datasets` writes Arrow IPC streams
