@@ -20,10 +20,9 @@ from lookahead_ray.config import LookaheadConfig, load_config
 from lookahead_ray.errors import ConfigError, LookaheadError, fixable_os_error, os_error_line
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, example: str = "preview.mode=virtual data.on_error=skip") -> None:
     parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. preview.mode=virtual data.on_error=skip")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
 
 
 def _preview_parser(sub: argparse._SubParsersAction) -> None:
@@ -311,7 +310,7 @@ def _cluster_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lookahead-ray", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="the full stream on the console: Ray's worker output, Ray Data's plans, library warnings "
                              "(by default they go to OUTPUT_DIR/logs/lookahead.log)")
@@ -330,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory written by `train`")
     export.add_argument("--output-dir", help="run directory to write final/ into (default: the checkpoint's run)")
     evaluate = sub.add_parser("eval", help="safety (RSR, JSR), utility and first-token drift of several models")
-    _add_config_args(evaluate)
+    _add_config_args(evaluate, "eval.max_new_tokens=256 eval.gpus_per_actor=1")
     evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                           help="a Hugging Face model directory (repeat for several; the first is the drift seed)")
     evaluate.add_argument("--output-dir", help="where results go (same as eval.output_dir=...)")
     search = sub.add_parser("tune", help="search m and P (and training knobs) on Ray Tune: prepare -> train -> eval")
-    _add_config_args(search)
+    _add_config_args(search, "tune.num_samples=8 tune.max_concurrent_trials=2")
     search.add_argument("--output-dir", help="the search directory (same as tune.output_dir=...)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search in that directory")
     demo = sub.add_parser("demo", help="the whole workflow on a synthetic world, on one CPU machine, with a report")
