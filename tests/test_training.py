@@ -238,7 +238,7 @@ def test_first_answer_token_is_in_the_loss_and_prompt_tokens_are_not(tiny_tokeni
     ("train.zero_stage=1", "train.zero_stage must be 2 or 3"),
     ("train.global_batch_size=10", "train.global_batch_size 10 != micro_batch_size"),
     ("train.offload_params=true", "offload_params needs train.zero_stage 3"),
-    ("train.learning_rte=1", "unknown key train.learning_rte"),
+    ("train.learning_rte=1", "override train.learning_rte=...: unknown key 'learning_rte' in train"),
 ])
 def test_bad_training_config_fails_before_ray(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -100,6 +100,8 @@ def test_tiny_search_runs_keeps_failed_trials_resumes_and_writes_a_trainable_bes
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert len(re.findall(r"\[tune \d\d:\d\d:\d\d\] trial ", stdout)) == 4 and "best so far" in stdout
+    counts = re.findall(r"\[(\d+)/(\d+) ended\]", stdout)  # out of the search's 4 trials, not Tune's list so far
+    assert counts and {total for _, total in counts} == {"4"}
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["status"] for r in rows) == ["done", "done", "error", "error"]  # a bad trial does not stop it

@@ -96,7 +96,7 @@ def _search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
         constants = {"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": search_dir}
         tuner = tune.Tuner(trainable, param_space=_param_space(cfg, constants), tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_dir, verbose=0,
-                                                     callbacks=[progress_line()]))
+                                                     callbacks=[progress_line(_trial_count(cfg))]))
     grid = tuner.fit()
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
@@ -112,7 +112,7 @@ def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
     """
     from lookahead_ray.train.plan import plan_search
 
-    count = cfg.tune.num_samples if cfg.tune.search == "optuna" else len(space.trials(cfg.tune))
+    count = _trial_count(cfg)
     trial = apply_overrides(cfg, {"output_dir": storage.join(search_dir, "trials", "a-trial"), "train.output_dir": None,
                                   "train.storage_path": None})
     plan = plan_search(trial, count).check()
@@ -190,8 +190,9 @@ def _remove_checkpoints(run_dir: str) -> None:
             storage.remove_tree(storage.join(run_dir, entry.base_name))
 
 
-def progress_line() -> Any:
-    """A Tune callback printing one line per finished trial: id, overrides, objective, best so far."""
+def progress_line(total: int) -> Any:
+    """A Tune callback printing one line per finished trial: id, overrides, objective, best so far, and how many
+    of the search's ``total`` trials have ended (Tune creates trials as it goes: its list is not the total)."""
     from ray.tune import Callback
 
     class _Progress(Callback):
@@ -210,10 +211,10 @@ def progress_line() -> Any:
             if value is None:  # ended by the scheduler before its evaluation
                 reports = result.get("training_iteration", 0)
                 stage("tune", f"trial {trial.trial_id} ({label}): stopped early after {reports} training reports, "
-                              f"best so far {best} [{ended}/{len(trials)} ended]")
+                              f"best so far {best} [{ended}/{total} ended]")
                 return
             stage("tune", f"trial {trial.trial_id} ({label}): objective {value:.4f}, best so far {best} "
-                          f"[{ended}/{len(trials)} ended]")
+                          f"[{ended}/{total} ended]")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             from lookahead_ray.console import stage
@@ -222,6 +223,10 @@ def progress_line() -> Any:
             stage("tune", f"trial {trial.trial_id} ({label}) failed: {trial.error_file}")
 
     return _Progress()
+
+
+def _trial_count(cfg: LookaheadConfig) -> int:
+    return cfg.tune.num_samples if cfg.tune.search == "optuna" else len(space.trials(cfg.tune))
 
 
 def _search_dir(cfg: LookaheadConfig) -> str:
