@@ -178,11 +178,14 @@ def find_row_error(exc: BaseException) -> RowError | None:
     return None
 
 
-def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> PrepareReport:
+def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False, hold_output: bool = True) -> PrepareReport:
     """Run the pipeline and write ``cfg.data.output_dir`` (shards + report) atomically, holding the output for
-    this run (``storage.held_output``: a second run into it fails at once, naming this one); see :func:`_prepare`."""
+    this run (``storage.held_output``: a second run into it fails at once, naming this one; ``hold_output`` False
+    when the caller already holds a directory above it: ``train``); see :func:`_prepare`."""
     if not cfg.stage_dir("prepare"):
         raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
+    if not hold_output:
+        return _prepare(cfg, locations_checked)
     with storage.held_output(storage.absolute(cfg.stage_dir("prepare")), "data.output_dir"):
         return _prepare(cfg, locations_checked)
 

@@ -75,11 +75,14 @@ def _generation_rows(cfg: LookaheadConfig, sets: dict[str, list[dict]]) -> list[
     return rows
 
 
-def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, Any]:
+def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]], hold_output: bool = True) -> dict[str, Any]:
     """Evaluate ``models`` ([(name, directory)]) into ``eval.output_dir``, held for this run (a second run into it
-    fails at once, naming this one); see :func:`_evaluate`."""
+    fails at once, naming this one; ``hold_output`` False: a Tune trial's, see ``run_training``); see
+    :func:`_evaluate`."""
     if not cfg.stage_dir("eval"):
         raise ConfigError("eval.output_dir is not set (use --output-dir DIR)")
+    if not hold_output:
+        return _evaluate(cfg, models)
     with storage.held_output(storage.absolute(cfg.stage_dir("eval")), "eval.output_dir"):
         return _evaluate(cfg, models)
 

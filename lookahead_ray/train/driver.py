@@ -145,15 +145,22 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
 
     prepared = storage.join(output_dir, f"prepared_{cfg.train.run_name}")
     # run_training checked what every node must see (the train directory, the inputs): not again here.
-    report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}), locations_checked=True)
+    # The run directory above it is held already (by this run, or by the search for a trial).
+    report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}), locations_checked=True,
+                         hold_output=False)
     logger.info("%s", report.summary())
     return apply_overrides(cfg, {"train.prepared_dir": prepared})
 
 
-def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = (), hold_output: bool = True) -> TrainResult:
     """Fine-tune with Ray Train (Train V2) driving DeepSpeed ZeRO on ``train.num_workers`` workers: the plan of
     ``cfg`` (``train.plan``) is made and must pass before Ray starts; this executes it, holding the run directory
-    (``storage.held_output``: a second run into it fails at once, naming this one)."""
+    (``storage.held_output``: a second run into it fails at once, naming this one).
+
+    ``hold_output``: False for a Tune trial, whose directory is its own and whose search holds the search's
+    directory (a trial rerun after its search was killed must not wait on the dead trial's lock)."""
+    if not hold_output:
+        return _train_on_ray(cfg, callbacks)
     with storage.held_output(train_dir(cfg), "train.output_dir"):
         return _train_on_ray(cfg, callbacks)
 

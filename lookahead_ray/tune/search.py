@@ -169,8 +169,9 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = apply_overrides(cfg, {"output_dir": str(trial_dir), "data.output_dir": None, "train.output_dir": None,
                                 "eval.output_dir": None, "train.storage_path": None,
                                 "train.run_name": f"train-trial_id={trial_id}"})
-    result = run_training(cfg, callbacks=[TuneReportCallback()])
-    metrics = run_eval(cfg, [("trial", result.final_dir)])["models"]["trial"]
+    # The search holds its directory; a trial's own is its alone (a rerun after a killed search takes it over).
+    result = run_training(cfg, callbacks=[TuneReportCallback()], hold_output=False)
+    metrics = run_eval(cfg, [("trial", result.final_dir)], hold_output=False)["models"]["trial"]
     scored = objective.score(metrics, config["seed_metrics"], cfg.tune.objective)
     checkpoint = result.checkpoint_dir
     if not cfg.tune.keep_trial_checkpoints:  # the trial is done: its export stays, the ZeRO states go
@@ -283,7 +284,7 @@ def _seed_metrics(base: LookaheadConfig, search_dir: str) -> dict[str, Any]:
     if storage.is_file(cached):
         return json.loads(storage.read_text(cached))["models"]["seed"]
     seed_cfg = apply_overrides(base, {"eval.output_dir": storage.parent(cached)})
-    return run_eval(seed_cfg, [("seed", base.model.name_or_path)])["models"]["seed"]
+    return run_eval(seed_cfg, [("seed", base.model.name_or_path)], hold_output=False)["models"]["seed"]  # in ours
 
 
 def _concurrency(cfg: LookaheadConfig) -> int:
