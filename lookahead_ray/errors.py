@@ -7,6 +7,8 @@ Each class also derives from the builtin a caller would expect (``ValueError``, 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LookaheadError(Exception):
     """An error in the user's config, data, models or services, with a message that says what to change."""
@@ -63,9 +65,9 @@ FIXABLE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded",
 """OS errors a person fixes (ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EISDIR, ENOTDIR), by errno, in words."""
 
 
-def fixable_os_error(error: BaseException) -> OSError | None:
-    """The OSError a person can act on behind ``error``: itself, its causes, or a Ray task's or Ray Train
-    worker's failure (``cause``, ``worker_failures``), else None."""
+def find_in_causes(error: BaseException, match: Any) -> BaseException | None:
+    """The first exception behind ``error`` for which ``match`` is true: itself, its causes and contexts, a Ray
+    task's cause (``cause``) or a Ray Train worker's failures (``worker_failures``); else None."""
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -73,11 +75,16 @@ def fixable_os_error(error: BaseException) -> OSError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in FIXABLE_ERRNOS:
+        if match(current):
             return current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
                     *getattr(current, "worker_failures", {}).values()]
     return None
+
+
+def fixable_os_error(error: BaseException) -> OSError | None:
+    """The OSError a person can act on behind ``error`` (see :func:`find_in_causes`), else None."""
+    return find_in_causes(error, lambda e: isinstance(e, OSError) and e.errno in FIXABLE_ERRNOS)
 
 
 def os_error_line(error: OSError) -> str:

@@ -33,7 +33,7 @@ from lookahead_ray.data.readers import END_OF_FILE, expand_inputs
 from lookahead_ray.data.report import REPORT_NAME, PrepareReport
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
-from lookahead_ray.errors import ConfigError, RowError
+from lookahead_ray.errors import ConfigError, RowError, find_in_causes
 from lookahead_ray.runtime import check_resources, check_visible_on_every_node, init_ray
 
 READ_CPUS = 0.5
@@ -165,17 +165,7 @@ def build_training_dataset(cfg: LookaheadConfig) -> Dataset:
 
 def find_row_error(exc: BaseException) -> RowError | None:
     """The RowError inside an exception Ray raised for a failed task, if any."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, RowError):
-            return current
-        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return None
+    return find_in_causes(exc, lambda e: isinstance(e, RowError))
 
 
 def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False, hold_output: bool = True) -> PrepareReport:
@@ -184,9 +174,8 @@ def run_prepare(cfg: LookaheadConfig, locations_checked: bool = False, hold_outp
     when the caller already holds a directory above it: ``train``); see :func:`_prepare`."""
     if not cfg.stage_dir("prepare"):
         raise ConfigError("data.output_dir is not set: where should the prepared shards go?")
-    if not hold_output:
-        return _prepare(cfg, locations_checked)
-    with storage.held_output(storage.absolute(cfg.stage_dir("prepare")), "data.output_dir"):
+    with storage.held_output(storage.absolute(cfg.stage_dir("prepare")), "data.output_dir") if hold_output else \
+            contextlib.nullcontext():
         return _prepare(cfg, locations_checked)
 
 

@@ -7,6 +7,7 @@ table) and ``drift.png`` (KL per answer position against the seed model).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,9 +82,8 @@ def run_eval(cfg: LookaheadConfig, models: list[tuple[str, str]], hold_output: b
     :func:`_evaluate`."""
     if not cfg.stage_dir("eval"):
         raise ConfigError("eval.output_dir is not set (use --output-dir DIR)")
-    if not hold_output:
-        return _evaluate(cfg, models)
-    with storage.held_output(storage.absolute(cfg.stage_dir("eval")), "eval.output_dir"):
+    with storage.held_output(storage.absolute(cfg.stage_dir("eval")), "eval.output_dir") if hold_output else \
+            contextlib.nullcontext():
         return _evaluate(cfg, models)
 
 

@@ -8,6 +8,7 @@ name, storage path and ``TuneReportCallback``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -159,9 +160,7 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = (), hold_outpu
 
     ``hold_output``: False for a Tune trial, whose directory is its own and whose search holds the search's
     directory (a trial rerun after its search was killed must not wait on the dead trial's lock)."""
-    if not hold_output:
-        return _train_on_ray(cfg, callbacks)
-    with storage.held_output(train_dir(cfg), "train.output_dir"):
+    with storage.held_output(train_dir(cfg), "train.output_dir") if hold_output else contextlib.nullcontext():
         return _train_on_ray(cfg, callbacks)
 
 
