@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     console.configure(args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:  # Ctrl-C: a training run says where it stopped and how to resume
+        print(f"lookahead-ray {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except (LookaheadError, FileNotFoundError) as exc:
         if args.verbose:
             traceback.print_exc()

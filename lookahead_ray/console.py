@@ -65,6 +65,25 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
+class _LogFile(logging.FileHandler):
+    """The run's log file. When it cannot be written (a full disk), the console says so once and the file is
+    given up, instead of logging's "--- Logging error ---" traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        print(f"lookahead-ray: the log {self.baseFilename} could not be written ({error}); it is not kept "
+              "from here on", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def configure(verbose: bool) -> None:
     """Console logging for a CLI run: everything at INFO with ``verbose``, else this package's warnings only."""
     state.active, state.verbose, state.started = True, verbose, time.perf_counter()
@@ -88,7 +107,8 @@ def close() -> None:
         for handler in (state.file_handler, state.console_handler):
             logging.getLogger(name).removeHandler(handler)
     if state.file_handler is not None:
-        state.file_handler.close()
+        with contextlib.suppress(OSError):  # a full disk: the console said so already
+            state.file_handler.close()
     if state.log_remote is not None and state.log_path is not None:
         from lookahead_ray import storage
 
@@ -129,7 +149,7 @@ def use_output_dir(directory: str | os.PathLike) -> Path | None:
     else:
         path = Path(directory).resolve() / LOG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG)
     state.file_handler, state.log_path = handler, path
@@ -241,33 +261,41 @@ class _ProgressBoard:
         return records
 
 
+class TrainingProgress:
+    """What the driver knows of a run's progress: the board's actor name (None outside the CLI) and the last
+    optimizer step rank 0 sent to it."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name, self.step = name, None
+
+
 @contextlib.contextmanager
-def training_progress(total_steps: int, description: str) -> Iterator[str | None]:
-    """A bar of optimizer steps (loss, tokens/s); yields the name of the progress board the training loop
-    reports to (None outside the CLI: no bar, no actor)."""
+def training_progress(total_steps: int, description: str) -> Iterator[TrainingProgress]:
+    """A bar of optimizer steps (loss, tokens/s); yields where the training loop reports to (outside the CLI: no
+    bar, no actor)."""
     if not state.active:
-        yield None
+        yield TrainingProgress()
         return
     import uuid
 
     import ray
 
-    name = f"lookahead-progress-{uuid.uuid4().hex[:12]}"
-    board = ray.remote(num_cpus=0)(_ProgressBoard).options(name=name, namespace=PROGRESS_NAMESPACE).remote()
+    seen = TrainingProgress(f"lookahead-progress-{uuid.uuid4().hex[:12]}")
+    board = ray.remote(num_cpus=0)(_ProgressBoard).options(name=seen.name, namespace=PROGRESS_NAMESPACE).remote()
     bar = progress(total_steps, description, "step")
     done = threading.Event()
 
     def follow() -> None:
         while not done.wait(0.5):
             with contextlib.suppress(Exception):  # the bar is a convenience: never fail a run over it
-                advance(bar, ray.get(board.take.remote(), timeout=10))
+                advance(bar, ray.get(board.take.remote(), timeout=10), seen)
         with contextlib.suppress(Exception):
-            advance(bar, ray.get(board.take.remote(), timeout=10))
+            advance(bar, ray.get(board.take.remote(), timeout=10), seen)
 
     thread = threading.Thread(target=follow, name="lookahead-train-progress", daemon=True)
     thread.start()
     try:
-        yield name
+        yield seen
     finally:
         done.set()
         thread.join(timeout=15)
@@ -286,10 +314,12 @@ def progress_board(name: str) -> Any:
         return None
 
 
-def advance(bar: Any, records: list[dict[str, Any]]) -> None:
+def advance(bar: Any, records: list[dict[str, Any]], seen: TrainingProgress | None = None) -> None:
     for record in records:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             bar.n = int(record["step"])
+            if seen is not None:
+                seen.step = bar.n
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
     if records:
         bar.refresh()
@@ -327,8 +357,8 @@ def log_failure(command: str, exc: BaseException) -> None:
     log.error("lookahead-ray %s failed:\n%s", command, "".join(traceback.format_exception(exc)))
     try:
         state.file_handler.flush()
-    except OSError:
-        print(f"lookahead-ray {command}: the log {state.log_path} could not be written", file=sys.stderr)
+    except OSError as error:
+        state.file_handler.handleError(logging.makeLogRecord({"msg": str(error)}))
 
 
 def report_failure(command: str, exc: BaseException) -> None:

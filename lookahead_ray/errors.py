@@ -65,6 +65,11 @@ FIXABLE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded",
 """OS errors a person fixes (ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EISDIR, ENOTDIR), by errno, in words."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says at which step and from where a rerun resumes. The CLI
+    prints it and exits 130, as a shell does for SIGINT."""
+
+
 def find_in_causes(error: BaseException, match: Any) -> BaseException | None:
     """The first exception behind ``error`` for which ``match`` is true: itself, its causes and contexts, a Ray
     task's cause (``cause``) or a Ray Train worker's failures (``worker_failures``); else None."""

@@ -39,14 +39,14 @@ def test_training_progress_follows_the_board_that_rank_0_reports_to(ray_local, m
         real_progress(*args, disable=False, file=io.StringIO())) or bars[-1])
     console.configure(verbose=False)
     try:
-        with console.training_progress(10, "train") as name:
-            board = console.progress_board(name)  # what the training loop's rank 0 looks up
+        with console.training_progress(10, "train") as seen:
+            board = console.progress_board(seen.name)  # what the training loop's rank 0 looks up
             ray_local.get(board.put.remote({"step": 3, "loss": 2.5, "tokens_per_second": 900.0}))
             ray_local.get(board.put.remote({"step": 4, "loss": 2.0, "tokens_per_second": 950.0}))
     finally:
         console.close()
-    assert bars[0].n == 4 and "loss=2.000" in str(bars[0])
-    assert console.progress_board(name) is None  # the board is gone with the bar: training would go on without it
+    assert bars[0].n == 4 and "loss=2.000" in str(bars[0]) and seen.step == 4  # what a Ctrl-C line names
+    assert console.progress_board(seen.name) is None  # the board is gone with the bar: training would go on without it
 
 
 def test_each_warning_reaches_the_console_once_and_the_log_file_every_time(tmp_path, capsys):

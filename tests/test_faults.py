@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,116 @@ def test_inputs_that_give_no_rows_are_named_and_a_truncated_parquet_names_its_fi
     with pytest.raises(RowError) as info, open(truncated, "rb") as f:
         list(RowReader(1 << 20).rows(f, str(truncated), "parquet"))
     assert str(info.value).startswith(f"{truncated}: unreadable_file: not a readable Parquet file")
+
+
+def _wait_for_complete_checkpoint(run_dir: Path, newer_than: int, process: subprocess.Popen) -> int:
+    from lookahead_ray.train.checkpoints import newest_complete
+
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        newest = newest_complete(str(run_dir)) if run_dir.is_dir() else None
+        if newest is not None and newest.step > newer_than:
+            return newest.step
+        time.sleep(0.05)
+    raise AssertionError(f"no complete checkpoint after step {newer_than} (exit {process.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_and_a_kill_right_after_a_checkpoint_resume_from_the_newest_complete_one(ray_local, tmp_path):
+    from test_training import _expected_data_sha, _write_rows
+
+    from lookahead_ray.train.checkpoints import newest_complete
+
+    data = _write_rows(tmp_path / "train.jsonl")
+    run_dir = tmp_path / "run" / "stopped"
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]",
+            f"train.output_dir={tmp_path / 'run'}", "train.run_name=stopped", "train.max_steps=60",
+            "train.checkpoint_every_steps=4", "train.keep_checkpoints=3", "train.warmup_steps=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+
+    def start() -> subprocess.Popen:  # its own process group, as a shell runs a command
+        return subprocess.Popen([sys.executable, "-m", "lookahead_ray", *args], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    first = start()
+    stepped = _wait_for_complete_checkpoint(run_dir, 0, first)
+    os.killpg(first.pid, signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    lines = [line for line in console_lines(subprocess.CompletedProcess(args, first.returncode, out, err))
+             if "\r" not in line]  # the progress bar
+    assert first.returncode == 130, err
+    resume_from = newest_complete(str(run_dir))
+    assert resume_from.step >= stepped
+    assert len(lines) == 2 and lines[0] == ("lookahead-ray: interrupted: stopping the workers (Ctrl-C again to exit "
+                                            "at once)"), lines
+    assert lines[-1].startswith("lookahead-ray train: interrupted at step "), lines
+    assert lines[-1].endswith(f"; rerun the same command to resume from step {resume_from.step} "
+                              f"({resume_from.location})"), lines
+    assert "Traceback" not in err
+
+    second = start()  # the same command: resumes, then is killed right after its next complete checkpoint
+    killed_after = _wait_for_complete_checkpoint(run_dir, resume_from.step, second)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait(timeout=60)
+    newest = newest_complete(str(run_dir))
+    assert newest.step >= killed_after
+
+    third = start()
+    out, err = third.communicate(timeout=400)
+    assert third.returncode == 0, err
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert result["step"] == 60 and result["resumed_from_step"] == newest.step  # not one complete step lost
+    assert result["data_sha"] == _expected_data_sha(tmp_path / "run" / "prepared_stopped", steps=60, world_size=2,
+                                                    micro_batch_size=4, seed=0)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()
+                and not list(p.glob("complete-rank*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_on_a_full_disk_is_one_line_keeps_every_complete_checkpoint_and_resumes_once_there_is_space(tmp_path):
+    import shlex
+    import shutil
+
+    from test_training import _expected_data_sha, _write_rows
+
+    from lookahead_ray.train.checkpoints import survey
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a tmpfs (CI runs as root)")
+    data = _write_rows(tmp_path / "train.jsonl")
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    out.mkdir(), kept.mkdir()
+    command = shlex.join([sys.executable, "-m", "lookahead_ray", "train", "--config",
+                          str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]", f"train.output_dir={out}",
+                          "train.run_name=full", "train.max_steps=12", "train.checkpoint_every_steps=4",
+                          "train.warmup_steps=2"])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+
+    def run_with_space(size: str) -> subprocess.CompletedProcess:
+        """The command with its output on a tmpfs of ``size`` (its own Ray: a node of the tests' cluster could
+        not see this mount), holding what the last run left; what it leaves is copied back out."""
+        script = (f"mount -t tmpfs -o size={size} tmpfs {out} && cp -a {kept}/. {out}/ && {command}; rc=$?; "
+                  f"rm -rf {kept} && cp -a {out} {kept}; exit $rc")
+        return subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=400)
+
+    full = run_with_space("5m")  # the prepared data, the log and a checkpoint or two (~2 MB each) fit; not all
+    lines = [line for line in console_lines(full) if "\r" not in line]
+    assert full.returncode == 2, full.stderr
+    assert lines[-1].startswith(f"lookahead-ray train: error: no space left on the device: {out}/"), lines
+    assert lines[-1].endswith("; free space there (or write elsewhere) and rerun"), lines
+    assert len(lines) <= 2 and "Logging error" not in full.stderr, lines  # at most: the log could not be written
+    complete, incomplete = survey(str(kept / "full"))
+    steps = [c.step for c in complete]
+    assert steps and steps == list(range(4, 4 * len(steps) + 1, 4)) and steps[-1] < 12 and len(incomplete) <= 1, steps
+    assert all((Path(c.location) / "lookahead_config.yaml").stat().st_size > 0 for c in complete)
+
+    freed = run_with_space("40m")
+    assert freed.returncode == 0, freed.stderr
+    result = json.loads((kept / "train_result.json").read_text())
+    assert result["resumed_from_step"] == steps[-1] and result["step"] == 12
+    assert result["data_sha"] == _expected_data_sha(kept / "prepared_full", steps=12, world_size=2,
+                                                    micro_batch_size=4, seed=0)
+    assert survey(str(kept / "full"))[1] == []  # the incomplete checkpoint was removed

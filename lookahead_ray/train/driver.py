@@ -14,15 +14,19 @@ import logging
 import os
 import posixpath
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
-from lookahead_ray.errors import ConfigError, ExportMismatchError, LookaheadError
+from lookahead_ray.errors import ConfigError, ExportMismatchError, LookaheadError, RunInterrupted, fixable_os_error
+from lookahead_ray.train.checkpoints import newest_complete, remove_incomplete
 from lookahead_ray.train.run_guard import check_run, finished_run, mark_finished
 
 logger = logging.getLogger(__name__)
@@ -99,11 +103,14 @@ def total_steps(cfg: LookaheadConfig, rows: int, world_size: int) -> int:
     return steps
 
 
-def loop_config(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None) -> dict[str, Any]:
+def loop_config(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None,
+                run_location: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data: the typed config serialised, the step count, where the examples
-    are, the TensorBoard location and the name of the driver's progress board (an actor), if any."""
+    are, the TensorBoard location, the name of the driver's progress board (an actor), if any, and the run's
+    checkpoint directory on storage (a path or a URI), resumed from its newest complete checkpoint."""
     return {"config": cfg.to_dict(), "total_steps": steps, "tokens": tokens,
-            "log_dir": storage.join(train_dir(cfg), "tensorboard", cfg.train.run_name), "progress": progress}
+            "log_dir": storage.join(train_dir(cfg), "tensorboard", cfg.train.run_name), "progress": progress,
+            "run_location": run_location}
 
 
 def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_name: str, storage_path: str,
@@ -127,7 +134,7 @@ def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_na
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config(cfg, total_steps, tokens, progress),
+        train_loop_config=loop_config(cfg, total_steps, tokens, progress, storage.join(storage_path, run_name)),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
@@ -188,18 +195,23 @@ def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult
         cfg = _prepare_for_training(cfg, output_dir)
     tokens = storage.absolute(cfg.train.prepared_dir)
     steps = total_steps(cfg, _rows(tokens), train.num_workers)
-    with console.training_progress(steps, f"train {train.run_name}") as board:
+    remove_incomplete(plan.run_dir)  # never resumed from; nothing writes into the run yet
+    with console.training_progress(steps, f"train {train.run_name}") as seen:
         trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage_path,
-                                callbacks=callbacks, progress=board)
+                                callbacks=callbacks, progress=seen.name)
         logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
                     train.precision)
-        try:
-            result = trainer.fit()
-        except Exception as exc:  # Ray Train raises the workers' failure itself
-            user = _user_error(exc)
-            if user is None:
-                raise
-            raise user from None
+        with _stopped_by_ctrl_c(trainer) as interrupted:
+            try:
+                result = trainer.fit()
+            except Exception as exc:  # Ray Train raises the workers' failure itself (or, after Ctrl-C, the abort)
+                if not interrupted.is_set():
+                    user = _user_error(exc, plan.run_dir)
+                    if user is None:
+                        raise
+                    raise user from exc
+    if interrupted.is_set():  # after the progress board's last records are in
+        raise RunInterrupted(_interrupted_line(seen.step, plan.run_dir)) from None
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -213,14 +225,59 @@ def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult
     return TrainResult(final, checkpoint, metrics)
 
 
-def _user_error(error: BaseException) -> LookaheadError | None:
-    """An error the user can fix (bad config, missing GPU) that a worker raised: shown as the one line it is, not
-    as Ray Train's worker-group failure."""
+@contextlib.contextmanager
+def _stopped_by_ctrl_c(trainer: Any) -> Iterator[threading.Event]:
+    """Ctrl-C during ``trainer.fit()``: the first aborts the run through Ray Train's controller (the workers stop;
+    every checkpoint they completed stays, and a checkpoint cut short is never resumed from), the second exits at
+    once. Yields the event that says it happened.
+
+    Ray Train V2 installs its own handler in ``fit`` (``_register_sigint_handler``; the first Ctrl-C waits on the
+    abort inside the handler and the process ends with 1 and no message): this trainer's replaces it."""
+    interrupted = threading.Event()
+
+    def exit_now(signum: int, frame: Any) -> None:
+        print("\nlookahead-ray: interrupted again: exiting now", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def register(controller: Any) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            interrupted.set()
+            signal.signal(signal.SIGINT, exit_now)
+            print("\nlookahead-ray: interrupted: stopping the workers (Ctrl-C again to exit at once)",
+                  file=sys.stderr, flush=True)
+            controller.abort.remote()
+
+        signal.signal(signal.SIGINT, stop)
+
+    previous = signal.getsignal(signal.SIGINT)
+    trainer._register_sigint_handler = register
+    try:
+        yield interrupted
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_line(step: int | None, run_dir: str) -> str:
+    newest = newest_complete(run_dir) if storage.exists(run_dir) else None
+    at = f"interrupted at step {step}" if step is not None else "interrupted"
+    if newest is None:
+        return f"{at}; no checkpoint was complete yet: rerun the same command to start again"
+    return f"{at}; rerun the same command to resume from step {newest.step} ({newest.location})"
+
+
+def _user_error(error: BaseException, run_dir: str) -> BaseException | None:
+    """An error the user can fix that a worker raised (bad config, missing GPU; a full or read-only disk): shown as
+    the one line it is, not as Ray Train's worker-group failure. A worker's OS error that names no file (a failed
+    write of a checkpoint) is about the run's directory."""
     for failure in getattr(error, "worker_failures", {}).values():
         for candidate in (failure, failure.__cause__, getattr(failure, "cause", None)):
             if isinstance(candidate, LookaheadError):
                 return candidate.with_traceback(None)
-    return None
+    fixable = fixable_os_error(error)
+    if fixable is not None and not fixable.filename:
+        return type(fixable)(fixable.errno, fixable.strerror, run_dir)
+    return fixable
 
 
 def run_training_local(cfg: LookaheadConfig) -> TrainResult:

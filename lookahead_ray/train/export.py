@@ -5,6 +5,7 @@ Checkpoint layout (one directory, merged across ranks by Ray Train):
     lookahead_config.yaml   the run's config (rank 0), enough to rebuild the model
     hf/                     final only: save_pretrained weights (safetensors), tokenizer, lookahead_config.yaml
     export_check.pt         final only: a probe batch and the engine's logits on it, for reload checks
+    complete-rank<R>.json   each rank's last file: the checkpoint is whole (see ``train.checkpoints``)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ExportMismatchError
 
@@ -35,7 +37,7 @@ def save_state(engine: Any, directory: str, position: dict[str, Any], cfg: Looka
     ``lookahead-ray export --checkpoint`` can rebuild the model from the checkpoint alone."""
     engine.save_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG, client_state=dict(position))
     if rank == 0:
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        with storage.atomic_file(os.path.join(directory, CONFIG_FILE)) as f:  # never a 0-byte config on a full disk
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 

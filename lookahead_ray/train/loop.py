@@ -21,6 +21,7 @@ from lookahead_ray.config import LookaheadConfig, TrainConfig
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.modeling import build_model, local_model_dir, tokenizer_for, torch_dtype
+from lookahead_ray.train.checkpoints import mark_complete
 from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
@@ -37,7 +38,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (runs on every worker)."""
     from lookahead_ray.train.worker_io import RayWorkerIO
 
-    run_loop(loop_config, RayWorkerIO(loop_config["config"]["train"]["resume_from"]))
+    run_loop(loop_config, RayWorkerIO(loop_config["config"]["train"]["resume_from"], loop_config.get("run_location")))
 
 
 def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
             if cfg.train.verify_export:
                 final.update(_verify_on_rank0(directory, cfg, io.world_rank, device))
+            mark_complete(directory, io.world_rank, io.world_size, position.step)
             # Always reported, whatever the check says: the trained state is never lost to a failed export.
             # (Ray Train keeps the metrics of the latest checkpoint, so the verdict must travel with it.)
             io.report(final, directory)
@@ -237,6 +239,7 @@ def _report(engine: Any, io: WorkerIO, cfg: LookaheadConfig, metrics: dict[str, 
     if checkpoint_every and step % checkpoint_every == 0:
         with io.new_checkpoint() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
+            mark_complete(directory, io.world_rank, io.world_size, step)
             io.report(metrics, directory)
     elif step % cfg.train.report_every_steps == 0:
         io.report(metrics)

@@ -43,15 +43,17 @@ class WorkerIO(Protocol):
 class RayWorkerIO:
     """Ray Train V2: world rank and size, ``ray.train.report`` and ``ray.train.get_checkpoint``.
 
+    A run resumes from the newest complete checkpoint under ``run_location`` (``train.checkpoints``), which can be
+    newer than the one Ray Train's snapshot recorded (the driver was killed right after the workers reported).
     Without a checkpoint of this run, ``resume_from`` (a local path or a URI Ray Train can read) is used:
     Train V2 deprecates ``TorchTrainer(resume_from_checkpoint=...)`` in favour of this pattern.
     """
 
-    def __init__(self, resume_from: str | None = None) -> None:
+    def __init__(self, resume_from: str | None = None, run_location: str | None = None) -> None:
         import pyarrow.fs
         import ray.train
 
-        self._train, self.resume_from = ray.train, resume_from
+        self._train, self.resume_from, self.run_location = ray.train, resume_from, run_location
         context = ray.train.get_context()
         self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
         run_storage = context.get_storage()
@@ -80,7 +82,11 @@ class RayWorkerIO:
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        checkpoint = self._train.get_checkpoint()
+        from lookahead_ray.train.checkpoints import newest_complete
+
+        newest = newest_complete(self.run_location) if self.run_location else None
+        # Ray Train's own record is used only for checkpoints written before completeness markers existed.
+        checkpoint = self._train.Checkpoint(newest.location) if newest else self._train.get_checkpoint()
         if checkpoint is None and self.resume_from:
             checkpoint = self._train.Checkpoint(self.resume_from)
         if checkpoint is None:
