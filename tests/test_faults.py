@@ -351,3 +351,55 @@ def test_train_on_a_full_disk_is_one_line_keeps_every_complete_checkpoint_and_re
     assert result["data_sha"] == _expected_data_sha(kept / "prepared_full", steps=12, world_size=2,
                                                     micro_batch_size=4, seed=0)
     assert survey(str(kept / "full"))[1] == []  # the incomplete checkpoint was removed
+
+
+def _prepared(cfg_dict: dict, records: list[dict]) -> list[dict]:
+    import pyarrow as pa
+
+    from lookahead_ray.data.transform import PrepareRecords
+
+    table = pa.table({"record": [json.dumps(r) for r in records], "read_error": pa.array([None] * len(records),
+                                                                                          pa.string()),
+                      "source_file": ["rows.jsonl"] * len(records), "source_row": list(range(1, len(records) + 1))})
+    return PrepareRecords(cfg_dict)(table).to_pylist()
+
+
+def test_sharegpt_records_train_exactly_as_the_same_chat_and_preview_agrees_with_prepare_on_bad_rows(tmp_path):
+    from lookahead_ray.config import load_config
+    from lookahead_ray.data.preview_file import run_preview_file
+    from lookahead_ray.errors import RowError
+
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i}+{i}?"},
+                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(4)]
+    sharegpt = [{"id": i, "conversations": [{"from": speakers[t["role"]], "value": t["content"]} for t in c["messages"]]}
+                for i, c in enumerate(chats)]
+    config = REPO / "configs" / "tiny_cpu.yaml"
+    as_chat = _prepared(load_config(config, ["records.format=chat"]).to_dict(), chats)
+    as_sharegpt = _prepared(load_config(config, ["records.format=sharegpt"]).to_dict(), sharegpt)
+    assert [r["reject_reason"] for r in as_sharegpt] == [None] * 4
+    assert [r["input_ids"] for r in as_sharegpt] == [r["input_ids"] for r in as_chat]
+    assert [r["labels"] for r in as_sharegpt] == [r["labels"] for r in as_chat]
+
+    source = tmp_path / "sharegpt.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in sharegpt))
+    out = tmp_path / "previewed.jsonl"
+    run_preview_file(load_config(config, ["records.format=sharegpt"]), str(source), str(out), "jsonl", "jsonl")
+    previewed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert previewed[0]["id"] == 0 and previewed[0]["conversations"][1]["value"].startswith(
+        "What is 0+0? The answer begins with: It is")  # the preview goes onto the last human turn, keys kept
+
+    bad = [sharegpt[0] | {"conversations": sharegpt[0]["conversations"][:2] + [{"from": "gpt", "value": "  "}]},
+           sharegpt[1] | {"conversations": [{"from": "bot", "value": "x"}]}]
+    rejected = _prepared(load_config(config, ["records.format=sharegpt", "data.on_error=skip"]).to_dict(), bad)
+    assert [(r["reject_reason"], r["reject_field"]) for r in rejected] == [
+        ("empty_answer", "conversations[2].value"), ("malformed_messages", "conversations[0].from")]
+    for i, record in enumerate(bad):  # preview refuses the very rows prepare rejects, naming the same field
+        (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+        with pytest.raises(RowError, match=rf"row 1, field '{re.escape(rejected[i]['reject_field'])}': "
+                                           rf"{rejected[i]['reject_reason']}"):
+            run_preview_file(load_config(config, ["records.format=sharegpt"]), str(tmp_path / "bad.jsonl"),
+                             str(tmp_path / "bad_out.jsonl"), "jsonl", "jsonl")
+    flat = _prepared(load_config(config, ["data.on_error=skip"]).to_dict(), sharegpt[:1])
+    assert flat[0]["reject_detail"] == ("record has no field 'input' but a sharegpt turn list; set records.format: "
+                                        "sharegpt")

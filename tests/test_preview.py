@@ -85,10 +85,12 @@ def test_m_zero_previews_nothing_but_keeps_connector():
 
 
 def test_empty_strings():
-    out = preview_record({"input": "", "output": ""}, PreviewConfig(), FLAT, WordTokenizer())
-    assert out == {"input": C, "output": ""}
-    assert preview_record({"input": "", "output": ""}, PreviewConfig(mode="virtual"), FLAT) == {
-        "input": C + P, "output": P}
+    out = preview_record({"input": "", "output": "a b"}, PreviewConfig(), FLAT, WordTokenizer())
+    assert out == {"input": C + "a b", "output": "a b"}
+    assert preview_record({"input": "", "output": "a"}, PreviewConfig(mode="virtual"), FLAT) == {
+        "input": C + P, "output": P + "a"}
+    with pytest.raises(RowError, match="empty_answer"):  # as prepare rejects it: nothing to train on
+        preview_record({"input": "q", "output": " "}, PreviewConfig(), FLAT, WordTokenizer())
 
 
 def test_unicode_answer_reference_artefact_and_exact_span(tiny_tokenizer):

@@ -41,8 +41,9 @@ class PreviewConfig:
 class RecordConfig:
     """How to find the instruction and the answer in an input record."""
 
-    format: Literal["flat", "alpaca", "chat"] = "flat"
-    """flat: two string fields; alpaca: instruction + optional input + output; chat: a messages list."""
+    format: Literal["flat", "alpaca", "chat", "sharegpt"] = "flat"
+    """flat: two string fields; alpaca: instruction + optional input + output; chat: a messages list of
+    {role, content}; sharegpt: a ``conversations`` list of {from, value} with speakers human, gpt, system."""
     instruction_field: str = "input"
     """flat records: the instruction (prompt) field (the reference's --input_field)."""
     answer_field: str = "output"

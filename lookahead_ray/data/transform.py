@@ -89,11 +89,7 @@ class PrepareRecords:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RowError("invalid_json", None, str(exc)) from None
-        answer = self.schema.extract(record).answer
-        if not answer.strip():
-            field_name = {"flat": self.cfg.records.answer_field, "alpaca": "output"}.get(
-                self.cfg.records.format, self.cfg.records.messages_field)
-            raise RowError("empty_answer", field_name, "the answer is empty; there is nothing to train on")
+        self.schema.extract(record)  # the row rules preview applies too (records.RecordSchema)
         return record
 
     def _fail_or_keep(self, error: RowError) -> RowError:
