@@ -230,3 +230,26 @@ def test_a_search_whose_trials_cannot_fit_their_gpus_fails_before_any_trial(tmp_
     err = capsys.readouterr().err
     assert "train.gpu_memory_gb: the run needs about" in err and "more than the 0.001 GB given" in err
     assert not (tmp_path / "s").exists()  # the trial's plan is made before anything is written or started
+
+
+def test_pareto_labels_of_close_trials_do_not_overprint_each_other(tmp_path):
+    from lookahead_ray.eval.report import pyplot
+    from lookahead_ray.tune.results import spread_labels
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [(80.0, 40.0)] * 3 + [(80.2, 40.1), (80.1, 39.9), (20.0, 10.0)]  # equal and near-equal scores
+    ax.scatter(*zip(*points, strict=True))
+    labels = [ax.annotate(f"real m={m} lr=2e-5", p, fontsize=7, xytext=(4, 3), textcoords="offset points")
+              for m, p in enumerate(points)]
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    before = [a.get_window_extent(renderer) for a in labels]  # no leader lines here: the text alone
+    assert any(b.overlaps(c) for i, b in enumerate(before) for c in before[i + 1:])  # what the plot used to show
+    boxes = spread_labels(fig, labels)
+    assert not any(b.overlaps(c) for i, b in enumerate(boxes) for c in boxes[i + 1:])
+    assert labels[-1].xyann == (4, 3)  # a label with room stays beside its point
+    figure = fig.get_window_extent()
+    assert all(figure.x0 <= b.x0 and b.x1 <= figure.x1 and figure.y0 <= b.y0 and b.y1 <= figure.y1 for b in boxes)
+    fig.savefig(tmp_path / "pareto.png")
+    plt.close(fig)

@@ -6,6 +6,7 @@ Every number in a table is formatted from the results dict (``results.json``), n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 SafetyColumn = tuple[str, str]
@@ -67,14 +68,18 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, ax: Any, path: str, title: str, legend_size: int = 8, **legend: Any) -> None:
-    """Title, grid and legend, then write ``path`` (a path or a URI, atomically) and free the figure."""
+def save_figure(fig: Any, ax: Any, path: str, title: str, legend_size: int = 8,
+                arrange: Callable[[Any], None] | None = None, **legend: Any) -> None:
+    """Title, grid and legend, then write ``path`` (a path or a URI, atomically) and free the figure.
+    ``arrange(fig)`` runs once the layout is final (e.g. to move labels apart)."""
     from lookahead_ray.storage import atomic_file
 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size, **legend)
     fig.tight_layout()
+    if arrange is not None:
+        arrange(fig)
     with atomic_file(str(path), binary=True) as f:
         fig.savefig(f, dpi=120, format="png")
     pyplot().close(fig)

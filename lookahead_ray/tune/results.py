@@ -81,8 +81,9 @@ def _plot(path: str, trials: list[dict[str, Any]], seed: dict[str, float]) -> No
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     points = [(100 * t["safety"], 100 * t["utility"]) for t in done]
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=40, label="trials")
-    for t, (x, y) in zip(done, points, strict=True):
-        ax.annotate(t["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    leader = {"arrowstyle": "-", "color": "gray", "lw": 0.5, "shrinkA": 0, "shrinkB": 4}
+    labels = [ax.annotate(t["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", arrowprops=leader)
+              for t, (x, y) in zip(done, points, strict=True)]
     front = pareto_front(points)
     if front:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", label="Pareto front")
@@ -91,7 +92,35 @@ def _plot(path: str, trials: list[dict[str, Any]], seed: dict[str, float]) -> No
         ax.scatter([points[0][0]], [points[0][1]], marker="*", s=200, color="tab:red", label="best trial")
     ax.set_xlabel("safety (objective's safe-rate mix, %)")
     ax.set_ylabel("utility (%)")
-    save_figure(fig, ax, str(path), "Search: safety vs utility per trial")
+    save_figure(fig, ax, str(path), "Search: safety vs utility per trial", arrange=lambda f: spread_labels(f, labels))
+
+
+def spread_labels(fig: Any, labels: list[Any]) -> list[Any]:
+    """Move trial labels up until none overprints another (close trials, equal scores); a thin line joins each
+    to its point. Returns their final boxes in display pixels."""
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+
+    def text_box(label: Any) -> Any:  # the text alone: an annotation's own box includes its (growing) line
+        label.update_positions(renderer)
+        return Text.get_window_extent(label, renderer)
+
+    placed: list[Any] = []
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        axes = label.axes.get_window_extent(renderer)
+        point_x, point_y = label.axes.transData.transform(label.xy)
+        if point_x > axes.x0 + 0.6 * axes.width:  # near the right edge: the label goes left of its point
+            label.set_horizontalalignment("right")
+            label.xyann = (-label.xyann[0], label.xyann[1])
+        step = 1 if point_y < axes.y0 + 0.5 * axes.height else -1  # stacked towards the middle of the plot
+        box = text_box(label)
+        while any(box.overlaps(other) for other in placed):
+            x, y = label.xyann
+            label.xyann = (x, y + step * (box.height + 1) * 72 / fig.dpi)  # offsets are in points
+            box = text_box(label)
+        placed.append(box)
+    return placed
 
 
 def _write_best(path: str, cfg: LookaheadConfig, best: dict[str, Any]) -> str:
