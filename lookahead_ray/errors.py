@@ -96,8 +96,10 @@ def os_error_line(error: OSError) -> str:
     """One line: what happened, to which path, and what to do."""
     import re
 
-    # A staged sibling (".NAME.tmp-HEX", storage.staging_path) is named by the output it stands for.
-    named = [re.sub(r"/\.([^/]+)\.tmp-[0-9a-f]+$", r"/\1", str(p)) for p in (error.filename, error.filename2) if p]
+    # A staged sibling (".NAME.tmp-HEX", storage.staging_path) or the lock of an output (".NAME.lookahead-lock",
+    # storage.held_output) is named by the output it stands for.
+    named = [re.sub(r"/\.([^/]+)\.(tmp-[0-9a-f]+|lookahead-lock)$", r"/\1", str(p))
+             for p in (error.filename, error.filename2) if p]
     paths = " -> ".join(dict.fromkeys(named))
     advice = {28: "free space there (or write elsewhere) and rerun", 122: "free space there (or write elsewhere) and rerun",
               30: "write the output somewhere writable", 13: "fix the permissions or write elsewhere",

@@ -189,6 +189,14 @@ def test_a_full_disk_and_a_read_only_one_are_one_line_each_and_leave_nothing(tmp
     assert result.returncode == 2, result.stderr
     assert console_lines(result) == [f"lookahead-ray preview: error: the file system is read-only: {read_only}/out.jsonl;"
                                      " write the output somewhere writable"]
+    config = str(REPO / "configs" / "tiny_cpu.yaml")
+    for command, output in (["prepare", f"data.output_dir={read_only}/prepared"],
+                            ["train", f"train.output_dir={read_only}/train"]):  # refused before Ray starts
+        result = _in_own_mounts([("ro", read_only)], [command, "--config", config, f"data.inputs=[{data}]", output],
+                                tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert console_lines(result) == [f"lookahead-ray {command}: error: the file system is read-only: "
+                                         f"{read_only}/{output.split('/')[-1]}; write the output somewhere writable"]
 
 
 def test_config_mistakes_name_the_command_line_or_the_file_line(tmp_path):
