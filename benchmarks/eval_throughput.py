@@ -1,6 +1,6 @@
 """Evaluation generation throughput: batched generation through Ray Data vs a per-sample generate loop.
 
-Run by hand (not a test):
+Run by hand (not a test; ``--smoke`` is what CI runs: the smallest sizes, seconds):
 
     python benchmarks/eval_throughput.py                 # 64 prompts, a tiny Llama on CPU
     python benchmarks/eval_throughput.py --prompts 256 --batch-size 32 --hidden 256
@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes (seconds): a check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.prompts, args.batch_size, args.max_new_tokens, args.hidden, args.layers = 4, 2, 4, 32, 1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from lookahead_ray.config import ModelConfig, TinyModelConfig

@@ -101,7 +101,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes (seconds): a check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.vocab = 1, 128, 512
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch

@@ -53,9 +53,9 @@ def _tokenizer_dir(work: Path) -> Path:
     return target
 
 
-def _make_input(work: Path, scale: int) -> tuple[Path, int]:
+def _make_input(work: Path, scale: int, rows: int | None = None) -> tuple[Path, int]:
     path = work / f"gsm8k_x{scale}.jsonl"
-    lines = GSM8K.read_bytes().rstrip(b"\n").split(b"\n")
+    lines = GSM8K.read_bytes().rstrip(b"\n").split(b"\n")[:rows]
     with open(path, "wb") as f:
         for _ in range(scale):
             f.write(b"\n".join(lines) + b"\n")
@@ -196,12 +196,16 @@ def main() -> None:
     parser.add_argument("--scales", default="20,200", help="GSM8K train repetitions, comma separated")
     parser.add_argument("--skip-tokenize", action="store_true", help="leave out ray-prepare (full tokenisation)")
     parser.add_argument("--skip", default="", help="variants to leave out, comma separated (e.g. transform)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes (seconds): a check that it runs")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SRC", "TOK", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         variant, src, tok, out = args.child
         print(json.dumps(run_variant(variant, Path(src), Path(tok), Path(out))))
         return
+    if args.smoke:  # 1x GSM8K train cut to 200 rows, two variants
+        args.scales, args.skip_tokenize = "1", True
+        args.skip = "preview-w1,preview-w2,ray-preview-a1,ray-preview-a2"
     if not GSM8K.exists():
         sys.exit(f"skipped: {GSM8K} is absent (the benchmark reads ../shared/data)")
     work = Path(tempfile.mkdtemp(prefix="preview-bench-"))
@@ -213,7 +217,7 @@ def main() -> None:
     results: dict[tuple[str, int], dict] = {}
     try:
         for scale in (int(s) for s in args.scales.split(",")):
-            src, rows = _make_input(work, scale)
+            src, rows = _make_input(work, scale, 200 if args.smoke else None)
             for variant in variants:
                 if variant in args.skip.split(","):
                     continue

@@ -108,7 +108,10 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=100_000)
     parser.add_argument("--mean-length", type=int, default=228)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes (seconds): a check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.rows_per_shard, args.mean_length = 2_000, 500, 32
     with tempfile.TemporaryDirectory(prefix="token-data-bench-") as scratch:
         prepared = Path(scratch, "prepared")
         started = time.perf_counter()

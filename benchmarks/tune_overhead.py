@@ -1,7 +1,7 @@
 """Per-trial overhead of `lookahead-ray tune`: N trials through Ray Tune vs the same N configurations run one
 after another with `train` + `eval` directly (same seed model, data, eval sets, one Ray, this machine).
 
-    python benchmarks/tune_overhead.py [--trials 3] [--out /tmp/tune_overhead]
+    python benchmarks/tune_overhead.py [--trials 3] [--out /tmp/tune_overhead] [--smoke]
 
 Prints both wall times and the overhead per trial. The search's own seed evaluation is timed separately
 and left out of the comparison (the direct runs reuse the seed the search built).
@@ -22,7 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--out", default="/tmp/tune_overhead")
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes (seconds): a check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.trials = 1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -42,6 +45,7 @@ def main() -> None:
     overrides = [f"tune.output_dir={out / 'search'}", f"tune.modes=[{', '.join(modes)}]", "tune.m=[2]"]
     if args.trials > 3:
         overrides.append(f"tune.m=[{', '.join(str(m) for m in range(1, args.trials + 1))}]")
+    overrides += ["train.max_steps=2"] if args.smoke else []
     cfg = load_config(REPO / "configs" / "tune_tiny_cpu.yaml", overrides)
     planned = trials(cfg.tune)
 

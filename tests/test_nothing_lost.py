@@ -149,14 +149,16 @@ def _local_cfg(tmp_path: Path, *overrides: str) -> LookaheadConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["train.packing=true", "train.micro_batch_size=2"],
+                                    ["train.group_by_length=true"]], ids=["padded", "packed", "grouped"])
 def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_and_ends_where_an_uninterrupted_run_ends(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, layout):
     from safetensors.torch import load_file
 
     from lookahead_ray.train import loop
     from lookahead_ray.train.driver import run_training_local
 
-    straight = run_training_local(_local_cfg(tmp_path / "straight"))
+    straight = run_training_local(_local_cfg(tmp_path / "straight", *layout))
     report = loop._report
 
     def crash_after_step_13(engine, io, cfg, metrics, position):  # 12 micro-batches an epoch: mid-epoch 2
@@ -166,9 +168,9 @@ def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_and_ends_where_an_uni
 
     monkeypatch.setattr(loop, "_report", crash_after_step_13)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_training_local(_local_cfg(tmp_path / "stopped"))
+        run_training_local(_local_cfg(tmp_path / "stopped", *layout))
     monkeypatch.undo()
-    resumed = run_training_local(_local_cfg(tmp_path / "stopped"))
+    resumed = run_training_local(_local_cfg(tmp_path / "stopped", *layout))
     assert resumed.metrics["resumed_from_step"] == 10 and resumed.metrics["step"] == 20
     assert resumed.metrics["data_sha"] == straight.metrics["data_sha"]  # the same batches, in the same order
     a = load_file(str(Path(straight.final_dir) / "model.safetensors"))

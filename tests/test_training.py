@@ -239,10 +239,27 @@ def test_first_answer_token_is_in_the_loss_and_prompt_tokens_are_not(tiny_tokeni
     ("train.global_batch_size=10", "train.global_batch_size 10 != micro_batch_size"),
     ("train.offload_params=true", "offload_params needs train.zero_stage 3"),
     ("train.learning_rte=1", "override train.learning_rte=...: unknown key 'learning_rte' in train"),
+    ("train={packing: true, group_by_length: true}", "train.packing and train.group_by_length: choose one"),
 ])
 def test_bad_training_config_fails_before_ray(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
+
+
+def test_flash_attention_without_a_gpu_fails_in_the_plan_and_a_kernel_this_node_lacks_names_it(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lookahead_ray.train.loop import use_attention
+    from lookahead_ray.train.plan import plan_training
+
+    cfg = _cfg(tmp_path, "model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match="flash_attention_2 runs on CUDA GPUs only; set train.use_gpu=true"):
+        plan_training(cfg).check()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert use_attention(model, "eager").config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 is not available on node"):
+        use_attention(model, "flash_attention_2")  # no flash-attn package (nor CUDA) here
 
 
 def test_missing_model_path_fails_before_ray(tmp_path):

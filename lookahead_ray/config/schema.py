@@ -140,6 +140,9 @@ class ModelConfig:
     """Run code shipped with the model or tokenizer; off unless you trust the source."""
     chat_template: str | None = None
     """A Jinja chat template for tokenizers that ship none (e.g. a bare SentencePiece model)."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = None
+    """The attention kernel for training (transformers' attn_implementation); default: transformers' choice
+    (sdpa). flash_attention_2 needs the flash-attn package and CUDA."""
 
     def tokenizer_source(self) -> str:
         """``tokenizer``, else the model's own (``name_or_path``), else the builtin one for ``tiny`` models.
@@ -175,7 +178,14 @@ class TrainConfig:
     """DeepSpeed ZeRO stage: 2 (optimizer + gradient sharding) or 3 (+ parameter sharding)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     micro_batch_size: int = 4
-    """Sequences per worker per forward pass."""
+    """Sequences per worker per forward pass (with packing: packed sequences, each several examples)."""
+    packing: bool = False
+    """Pack whole examples end to end into sequences of up to tokenization.max_seq_len tokens, none attending to
+    another (position ids restart per example): no compute spent on padding. Steps and the schedule follow the
+    packed sequence count."""
+    group_by_length: bool = False
+    """Without packing: micro-batches of examples of similar length (sorted within seeded groups, then shuffled),
+    for less padding where an attention kernel cannot pack."""
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None
     """Optional check: must equal micro_batch_size x gradient_accumulation_steps x num_workers."""
@@ -242,6 +252,9 @@ class TrainConfig:
                               f" x num_workers {self.num_workers} = {expected}")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("train.offload_params needs train.zero_stage 3")
+        if self.packing and self.group_by_length:
+            raise ConfigError("train.packing and train.group_by_length: choose one (packing leaves no padding to "
+                              "group away)")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas must have 2 values, got {self.adam_betas}")
         if self.learning_rate <= 0:

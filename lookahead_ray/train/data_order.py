@@ -7,6 +7,13 @@ pages are shared by the workers of a node) and derives its micro-batches from a
 permutation seeded by ``(train.seed, epoch)``: the same on every worker, in every restart. A checkpoint
 records the micro-batches consumed in the current epoch, so a resumed run continues with the very next
 batch instead of replaying or skipping any.
+
+With ``train.packing`` the epoch's permutation is cut, in its order, into sequences of whole examples of at most
+``tokenization.max_seq_len`` tokens (:func:`pack`): a micro-batch is ``micro_batch_size`` such sequences, and the
+checkpoint's position counts micro-batches of them, so packing is as seeded and as resumable as padding. With
+``train.group_by_length`` the permutation is reordered so that a micro-batch holds examples of similar length
+(:func:`group_by_length`). :func:`epoch_plan` gives a rank's micro-batches in every case, each a list of
+sequences (arrays of row indices; one row each without packing).
 """
 
 from __future__ import annotations
@@ -108,6 +115,11 @@ class TokenStore:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def lengths(self) -> np.ndarray:
+        """Every example's token count, by logical row index (read from the list offsets: no token is loaded)."""
+        physical = np.concatenate([np.diff(np.asarray(b.column("input_ids").offsets)) for b in self.batches])
+        return physical if self.order is None else physical[np.asarray(self.order)]
+
     def batch(self, indices: np.ndarray) -> dict[str, list]:
         physical = np.asarray(indices, dtype=np.int64)
         if self.order is not None:
@@ -132,6 +144,100 @@ def epoch_batches(num_rows: int, epoch: int, seed: int, rank: int, world_size: i
     per_rank = (num_rows // world_size) // micro_batch_size * micro_batch_size
     mine = order[rank::world_size][:per_rank]
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+GROUP_BY_LENGTH_MEGA_BATCH = 64
+"""Micro-batches per sorted group: long enough to pair similar lengths, short enough to keep the order random."""
+
+
+PACKING_CHUNK = 1024
+"""Examples sorted together (longest first) before they are packed: long ones then find short ones to fill up."""
+PACKING_OPEN_SEQUENCES = 256
+"""Sequences that stay open for more examples; with more open, the fullest is closed."""
+
+
+def pack(order: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """``order`` packed into sequences of whole examples of at most ``capacity`` tokens (an example is never split:
+    prepare truncated every example to ``capacity`` already). Deterministic in ``order``.
+
+    Best fit, decreasing, in chunks of the permutation: each chunk of ``PACKING_CHUNK`` examples is sorted longest
+    first, and each example goes into the open sequence it fills best, else opens one. On GSM8K-like lengths
+    (mean 45% of the capacity) this leaves ~3.5% of the positions empty, where first fit in permutation order
+    leaves ~6.5% (``benchmarks/train_throughput.py``)."""
+    sizes_all = np.minimum(lengths, capacity)
+    room = np.empty(0, dtype=np.int64)  # free tokens of each open sequence
+    members: list[list[int]] = []
+    sequences: list[np.ndarray] = []
+    for start in range(0, len(order), PACKING_CHUNK):
+        chunk = order[start:start + PACKING_CHUNK]
+        chunk = chunk[np.argsort(-sizes_all[chunk], kind="stable")]
+        for example, size in zip(chunk.tolist(), sizes_all[chunk].tolist(), strict=True):
+            fits = np.flatnonzero(room >= size)
+            if len(fits):
+                best = fits[np.argmin(room[fits])]
+                room[best] -= size
+                members[best].append(example)
+                continue
+            if len(members) == PACKING_OPEN_SEQUENCES:
+                fullest = int(np.argmin(room))
+                sequences.append(np.asarray(members.pop(fullest), dtype=np.int64))
+                room = np.delete(room, fullest)
+            room = np.append(room, capacity - size)
+            members.append([example])
+    return sequences + [np.asarray(m, dtype=np.int64) for m in members]
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, micro_batch_size: int, seed: int,
+                    epoch: int) -> np.ndarray:
+    """``order`` reordered so that each run of ``micro_batch_size`` rows has similar lengths: sorted (longest first)
+    within groups of ``GROUP_BY_LENGTH_MEGA_BATCH`` micro-batches, then the micro-batches shuffled (seeded)."""
+    group = GROUP_BY_LENGTH_MEGA_BATCH * micro_batch_size
+    chunks = []
+    for start in range(0, len(order), group):
+        part = order[start:start + group]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        chunks += [part[i:i + micro_batch_size] for i in range(0, len(part), micro_batch_size)]
+    shuffled = np.random.default_rng([seed, epoch, 1]).permutation(len(chunks))
+    return np.concatenate([chunks[i] for i in shuffled]) if chunks else order
+
+
+def epoch_plan(lengths: np.ndarray | None, num_rows: int, epoch: int, seed: int, rank: int, world_size: int,
+               micro_batch_size: int, packing_capacity: int | None = None,
+               by_length: bool = False) -> list[list[np.ndarray]]:
+    """This rank's micro-batches of ``epoch``, each a list of sequences of row indices.
+
+    Unpacked: :func:`epoch_batches` (each row its own sequence; ``by_length`` reorders the permutation first).
+    Packed (``packing_capacity`` tokens a sequence): the permutation packed into sequences, dealt round-robin to
+    the ranks, ``micro_batch_size`` sequences a micro-batch; every rank gets the same number (the tail is
+    dropped)."""
+    if packing_capacity is None and not by_length:
+        return [_one_row_each(batch) for batch in epoch_batches(num_rows, epoch, seed, rank, world_size,
+                                                                micro_batch_size)]
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    if packing_capacity is None:
+        order = group_by_length(order, lengths, micro_batch_size * world_size, seed, epoch)
+        per_rank = (num_rows // world_size) // micro_batch_size * micro_batch_size
+        mine = order[rank::world_size][:per_rank]
+        return [_one_row_each(mine[i:i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+    sequences = pack(order, lengths, packing_capacity)
+    sequences = [sequences[i] for i in np.random.default_rng([seed, epoch, 2]).permutation(len(sequences))]
+    per_rank = (len(sequences) // world_size) // micro_batch_size * micro_batch_size
+    mine = sequences[rank::world_size][:per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def _one_row_each(indices: np.ndarray) -> list[np.ndarray]:
+    return [indices[i:i + 1] for i in range(len(indices))]
+
+
+def micro_batches_per_epoch(lengths: np.ndarray, num_rows: int, epochs: int, seed: int, world_size: int,
+                            micro_batch_size: int, packing_capacity: int) -> list[int]:
+    """How many micro-batches each rank gets in each of ``epochs`` packed epochs (the step count follows them)."""
+    counts = []
+    for epoch in range(epochs):
+        sequences = len(pack(np.random.default_rng([seed, epoch]).permutation(num_rows), lengths, packing_capacity))
+        counts.append((sequences // world_size) // micro_batch_size)
+    return counts
 
 
 def chain(digest: str, indices: Any) -> str:

@@ -103,6 +103,36 @@ def total_steps(cfg: LookaheadConfig, rows: int, world_size: int) -> int:
     return steps
 
 
+def packed_micro_batches(cfg: LookaheadConfig, tokens: str, world_size: int) -> int:
+    """Micro-batches each worker trains in ``train.epochs`` packed epochs (they differ per epoch: each packs its
+    own permutation)."""
+    from lookahead_ray.train.data_order import TokenStore, micro_batches_per_epoch
+
+    store, train = TokenStore(tokens), cfg.train
+    return sum(micro_batches_per_epoch(store.lengths(), len(store), train.epochs, train.seed, world_size,
+                                       train.micro_batch_size, cfg.tokenization.max_seq_len))
+
+
+def _run_steps(cfg: LookaheadConfig, tokens: str, world_size: int, on_ray: bool) -> int:
+    """:func:`total_steps`; with packing and no ``train.max_steps``, from the packed sequence count, which needs the
+    examples' lengths: read on a Ray node (its token cache), not by the driver, on Ray."""
+    rows = _rows(tokens)
+    if not cfg.train.packing or cfg.train.max_steps is not None:
+        return total_steps(cfg, rows, world_size)
+    if on_ray:
+        import ray
+
+        micro_batches = ray.get(ray.remote(num_cpus=0)(packed_micro_batches).remote(cfg, tokens, world_size))
+    else:
+        micro_batches = packed_micro_batches(cfg, tokens, world_size)
+    steps = micro_batches // cfg.train.gradient_accumulation_steps
+    if steps < 1:
+        raise ConfigError(f"train.max_steps: {rows} training rows pack into no full global batch of "
+                          f"{cfg.train.global_batch} sequences of {cfg.tokenization.max_seq_len} tokens; set "
+                          "train.max_steps or use more data")
+    return steps
+
+
 def loop_config(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None,
                 run_location: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data: the typed config serialised, the step count, where the examples
@@ -194,7 +224,7 @@ def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult
     if not train.prepared_dir:
         cfg = _prepare_for_training(cfg, output_dir)
     tokens = storage.absolute(cfg.train.prepared_dir)
-    steps = total_steps(cfg, _rows(tokens), train.num_workers)
+    steps = _run_steps(cfg, tokens, train.num_workers, on_ray=True)
     remove_incomplete(plan.run_dir)  # never resumed from; nothing writes into the run yet
     with console.training_progress(steps, f"train {train.run_name}") as seen:
         trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage_path,
@@ -300,7 +330,7 @@ def _train_here(cfg: LookaheadConfig) -> TrainResult:
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
     tokens = storage.absolute(cfg.train.prepared_dir) if cfg.train.prepared_dir else _tokens_locally(cfg, output_dir)
-    steps = total_steps(cfg, _rows(tokens), world_size=1)
+    steps = _run_steps(cfg, tokens, world_size=1, on_ray=False)
     io = LocalWorkerIO(Path(output_dir) / cfg.train.run_name, cfg.train.keep_checkpoints,
                        resume_from=cfg.train.resume_from)
     metrics = run_loop(loop_config(cfg, steps, tokens), io)

@@ -22,7 +22,7 @@ from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.modeling import build_model, local_model_dir, tokenizer_for, torch_dtype
 from lookahead_ray.train.checkpoints import mark_complete
-from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches
+from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches, epoch_plan
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
@@ -127,9 +127,29 @@ def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[st
         # zero.Init reads the world size from DeepSpeed's communication backend: without it (Ray set up only
         # torch.distributed) it sees a world of 1 and rejects the batch sizes.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and cfg.train.use_gpu else "gloo")
-        return load_zero3_model(local_model_dir(cfg.model.name_or_path), ds_config, dtype,
-                                cfg.model.trust_remote_code)
-    return build_model(cfg.model, tokenizer, cfg.train.seed, dtype=dtype)
+        model = load_zero3_model(local_model_dir(cfg.model.name_or_path), ds_config, dtype,
+                                 cfg.model.trust_remote_code)
+    else:
+        model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=dtype)
+    return use_attention(model, cfg.model.attn_implementation)
+
+
+def use_attention(model: Any, implementation: str | None) -> Any:
+    """``model.attn_implementation`` on the built model (one place for every way a model is built).
+
+    Raises:
+        ConfigError: the kernel is not available here (flash-attn missing, no CUDA), naming the node.
+    """
+    if implementation is None:
+        return model
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as exc:
+        import socket
+
+        raise ConfigError(f"model.attn_implementation: {implementation} is not available on node "
+                          f"{socket.gethostname()} ({str(exc).splitlines()[0]}); install it there or choose sdpa") from None
+    return model
 
 
 def init_device(use_gpu: bool, world_size: int) -> tuple[bool, Any]:
@@ -199,26 +219,37 @@ def _resume(engine: Any, io: WorkerIO) -> Position:
 def _fit(engine: Any, store: TokenStore, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: WorkerIO,
          total_steps: int, position: Position, meter: StepMeter, writers: MetricWriters | None) -> dict | None:
     """Epochs of forward / backward / step until ``total_steps``, from ``position`` (updated in place);
-    returns the probe batch (two rows of the first batch) the export check compares logits on."""
+    returns the probe batch (two rows of the first batch, padded) the export check compares logits on."""
     train = cfg.train
+    capacity = cfg.tokenization.max_seq_len if train.packing else None
+    lengths = store.lengths() if train.packing or train.group_by_length else None
     probe: dict[str, Any] | None = None
     engine.train()
     while position.step < total_steps:
-        batches = epoch_batches(len(store), position.epoch, train.seed, io.world_rank, io.world_size,
-                                train.micro_batch_size)
-        if not batches:
+        plan = epoch_plan(lengths, len(store), position.epoch, train.seed, io.world_rank, io.world_size,
+                          train.micro_batch_size, capacity, train.group_by_length)
+        if not plan:
             raise ConfigError(f"train.micro_batch_size: {len(store)} training rows give worker {io.world_rank} "
-                              f"no micro-batch of {train.micro_batch_size}")
-        for indices in batches[position.batch_in_epoch:]:
-            batch = collate(store.batch(indices), pad_token_id, device)
+                              f"no micro-batch of {train.micro_batch_size}"
+                              + (" packed sequences" if train.packing else ""))
+        for sequences in plan[position.batch_in_epoch:]:
+            indices = np.concatenate(sequences)
+            rows = store.batch(indices)
+            if capacity is None:
+                batch = collate(rows, pad_token_id, device)
+                tokens = batch["attention_mask"].sum()
+            else:
+                batch, tokens = collate_packed(rows, [len(s) for s in sequences], pad_token_id, device), \
+                    sum(len(x) for x in rows["input_ids"])
             if probe is None:
-                probe = {k: v[:2].clone() for k, v in batch.items()}
+                probe = {k: v[:2].clone() for k, v in collate({k: v[:2] for k, v in rows.items()}, pad_token_id,
+                                                              device).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
             position.batch_in_epoch += 1
             position.data_sha = chain(position.data_sha, indices)
-            if not meter.add(loss, batch["attention_mask"].sum()):
+            if not meter.add(loss, tokens, batch["input_ids"].numel()):
                 continue
             position.step += 1
             metrics = meter.step_metrics(position.step, position.epoch, engine.get_lr()[0])
@@ -262,6 +293,34 @@ def collate(batch: Batch, pad_token_id: int, device: Any) -> dict[str, Any]:
         out["attention_mask"][row, : len(x)] = 1
         out["labels"][row, : len(y)] = y
     return {k: torch.from_numpy(v).to(device) for k, v in out.items()}
+
+
+def collate_packed(batch: Batch, rows_per_sequence: list[int], pad_token_id: int, device: Any) -> dict[str, Any]:
+    """Pack one micro-batch: each sequence is its examples end to end, with position ids restarting at every
+    example and no attention mask, which transformers reads as packed (flash-attention's varlen kernel, else a
+    block-diagonal causal mask: no example attends to another). Every example's first label is -100, so no
+    token is trained to follow the previous example; right padding is one more block, labelled -100."""
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    sequences, start = [], 0
+    for count in rows_per_sequence:
+        sequences.append(range(start, start + count))
+        start += count
+    width = max(sum(len(ids[i]) for i in rows) for rows in sequences)
+    out = {"input_ids": np.full((len(sequences), width), pad_token_id, dtype=np.int64),
+           "position_ids": np.zeros((len(sequences), width), dtype=np.int64),
+           "labels": np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)}
+    for row, rows in enumerate(sequences):
+        at = 0
+        for i in rows:
+            n = len(ids[i])
+            out["input_ids"][row, at:at + n] = ids[i]
+            out["position_ids"][row, at:at + n] = np.arange(n)
+            out["labels"][row, at + 1:at + n] = np.asarray(labels[i])[1:]
+            at += n
+        out["position_ids"][row, at:] = np.arange(width - at)
+    return {k: torch.from_numpy(v).to(device) for k, v in out.items()} | {"use_cache": False}
 
 
 def _skip_cpu_jit_builds() -> None:

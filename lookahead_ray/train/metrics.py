@@ -10,7 +10,7 @@ from lookahead_ray.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 SYNC_SECONDS = 60.0
-WRITTEN_METRICS = ("loss", "learning_rate", "tokens_per_second", "step_seconds", "epoch")
+WRITTEN_METRICS = ("loss", "learning_rate", "tokens_per_second", "pad_fraction", "step_seconds", "epoch")
 
 
 class StepMeter:
@@ -24,7 +24,8 @@ class StepMeter:
                  resumed_from_step: int | None):
         self.accumulation, self.world_size, self.device = accumulation, world_size, device
         self.setup_seconds, self.resumed_from_step = setup_seconds, resumed_from_step
-        self.micro_batches, self.loss_sum, self.tokens = 0, 0.0, 0.0
+        self.micro_batches, self.loss_sum, self.tokens, self.positions = 0, 0.0, 0.0, 0.0
+        self.run_tokens, self.run_positions = 0.0, 0.0  # all steps since this process started: mean_pad_fraction
         self.started = self.step_started = time.perf_counter()
         self.first_step_seconds: float | None = None
         self.first_step_done, self.first_step = 0.0, 0
@@ -36,10 +37,12 @@ class StepMeter:
         """Micro-batches of an unfinished optimizer step are pending."""
         return self.micro_batches > 0
 
-    def add(self, loss: Any, tokens: Any) -> bool:
-        """Count one micro-batch; True when it completes an optimizer step."""
+    def add(self, loss: Any, tokens: Any, positions: Any = None) -> bool:
+        """Count one micro-batch (its loss, its tokens, and the positions computed for them, padding included);
+        True when it completes an optimizer step."""
         self.loss_sum += float(loss.detach())
         self.tokens += float(tokens)
+        self.positions += float(tokens if positions is None else positions)
         self.micro_batches += 1
         return self.micro_batches >= self.accumulation
 
@@ -48,7 +51,8 @@ class StepMeter:
         import torch
         import torch.distributed as dist
 
-        totals = torch.tensor([self.loss_sum / self.accumulation, self.tokens], dtype=torch.float64, device=self.device)
+        totals = torch.tensor([self.loss_sum / self.accumulation, self.tokens, self.positions], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(totals)
         now = time.perf_counter()
         if self.first_step_seconds is None:
@@ -58,11 +62,15 @@ class StepMeter:
         seconds = now - self.step_started
         self.last = {"step": step, "epoch": epoch, "loss": loss, "initial_loss": self.initial_loss,
                      "learning_rate": float(learning_rate), "step_seconds": seconds,
-                     "tokens_per_second": float(totals[1]) / max(seconds, 1e-9),
+                     "tokens_per_second": float(totals[1]) / max(seconds, 1e-9),  # pad excluded
+                     "pad_fraction": 1.0 - float(totals[1]) / max(float(totals[2]), 1.0),
+                     "mean_pad_fraction": 1.0 - (self.run_tokens + float(totals[1]))
+                     / max(self.run_positions + float(totals[2]), 1.0),
                      "setup_seconds": self.setup_seconds, "first_step_seconds": self.first_step_seconds,
                      "mean_step_seconds": (now - self.first_step_done) / max(step - self.first_step, 1),
                      "resumed_from_step": -1 if self.resumed_from_step is None else self.resumed_from_step}
-        self.micro_batches, self.loss_sum, self.tokens = 0, 0.0, 0.0
+        self.run_tokens, self.run_positions = self.run_tokens + float(totals[1]), self.run_positions + float(totals[2])
+        self.micro_batches, self.loss_sum, self.tokens, self.positions = 0, 0.0, 0.0, 0.0
         return self.last
 
     def restart_clock(self) -> None:

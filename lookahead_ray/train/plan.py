@@ -80,6 +80,12 @@ class TrainPlan:
                 f"{self.cfg.tokenization.max_seq_len})")
 
 
+def _attention(plan: TrainPlan) -> None:
+    if plan.cfg.model.attn_implementation == "flash_attention_2" and not plan.cfg.train.use_gpu:
+        raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; set train.use_gpu=true "
+                          "or use sdpa (with train.packing it still keeps examples apart)")
+
+
 def plan_training(cfg: LookaheadConfig, tokenizer_vocab: int | None = None) -> TrainPlan:
     """The plan of ``cfg``'s training run; never raises for what is wrong with it (see ``failures``).
 
@@ -88,6 +94,7 @@ def plan_training(cfg: LookaheadConfig, tokenizer_vocab: int | None = None) -> T
     plan = TrainPlan(cfg)
     _attempt(plan, _locations)
     _attempt(plan, _sources)
+    _attempt(plan, _attention)
     train = cfg.train
     plan.resources = {"CPU": train.num_workers * train.cpus_per_worker} | (
         {"GPU": float(train.num_workers)} if train.use_gpu else {})
