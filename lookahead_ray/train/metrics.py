@@ -29,6 +29,7 @@ class StepMeter:
         self.started = self.step_started = time.perf_counter()
         self.first_step_seconds: float | None = None
         self.first_step_done, self.first_step = 0.0, 0
+        self.steady_tokens = 0.0  # tokens of the steps after the first: mean_tokens_per_second
         self.initial_loss: float | None = None
         self.last: dict[str, Any] = {}
 
@@ -57,6 +58,8 @@ class StepMeter:
         now = time.perf_counter()
         if self.first_step_seconds is None:
             self.first_step_seconds, self.first_step_done, self.first_step = now - self.started, now, step
+        else:
+            self.steady_tokens += float(totals[1])
         loss = float(totals[0]) / self.world_size
         self.initial_loss = loss if self.initial_loss is None else self.initial_loss
         seconds = now - self.step_started
@@ -68,6 +71,7 @@ class StepMeter:
                      / max(self.run_positions + float(totals[2]), 1.0),
                      "setup_seconds": self.setup_seconds, "first_step_seconds": self.first_step_seconds,
                      "mean_step_seconds": (now - self.first_step_done) / max(step - self.first_step, 1),
+                     "mean_tokens_per_second": self.steady_tokens / max(now - self.first_step_done, 1e-9),
                      "resumed_from_step": -1 if self.resumed_from_step is None else self.resumed_from_step}
         self.run_tokens, self.run_positions = self.run_tokens + float(totals[1]), self.run_positions + float(totals[2])
         self.micro_batches, self.loss_sum, self.tokens, self.positions = 0, 0.0, 0.0, 0.0
