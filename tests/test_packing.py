@@ -121,3 +121,25 @@ def test_pad_fraction_is_reported_and_packing_all_but_removes_padding(tmp_path):
     assert packed["mean_pad_fraction"] < 0.05 < padded["mean_pad_fraction"], (packed, padded)
     assert grouped["mean_pad_fraction"] < padded["mean_pad_fraction"]
     assert 0 <= packed["pad_fraction"] < 1 and packed["tokens_per_second"] > 0
+
+
+def test_a_packed_run_without_max_steps_counts_its_steps_from_the_packed_sequences_on_a_ray_node(ray_local, tmp_path):
+    import json
+
+    from lookahead_ray.config import load_config
+    from lookahead_ray.data.pipeline import run_prepare
+    from lookahead_ray.train.data_order import TokenStore
+    from lookahead_ray.train.driver import _run_steps
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"input": f"Question {i}?", "output": "word " * (3 + i % 40)}) + "\n"
+                            for i in range(80)))
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [
+        f"data.inputs=[{data}]", f"data.output_dir={tmp_path / 'prepared'}", "train.max_steps=null", "train.epochs=3",
+        "train.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"])
+    run_prepare(cfg)
+    tokens = str(tmp_path / "prepared")
+    store = TokenStore(tokens)
+    expected = sum(len(epoch_plan(store.lengths(), len(store), epoch, 0, 0, 2, 2, 192)) for epoch in range(3)) // 2
+    assert _run_steps(cfg, tokens, 2, on_ray=True) == _run_steps(cfg, tokens, 2, on_ray=False) == expected > 0
+    assert expected < 3 * (80 // 2 // 2) // 2  # fewer steps than the same epochs unpacked

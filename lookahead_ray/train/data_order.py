@@ -8,12 +8,12 @@ permutation seeded by ``(train.seed, epoch)``: the same on every worker, in ever
 records the micro-batches consumed in the current epoch, so a resumed run continues with the very next
 batch instead of replaying or skipping any.
 
-With ``train.packing`` the epoch's permutation is cut, in its order, into sequences of whole examples of at most
-``tokenization.max_seq_len`` tokens (:func:`pack`): a micro-batch is ``micro_batch_size`` such sequences, and the
-checkpoint's position counts micro-batches of them, so packing is as seeded and as resumable as padding. With
-``train.group_by_length`` the permutation is reordered so that a micro-batch holds examples of similar length
-(:func:`group_by_length`). :func:`epoch_plan` gives a rank's micro-batches in every case, each a list of
-sequences (arrays of row indices; one row each without packing).
+With ``train.packing`` the examples of the epoch's permutation are packed into sequences of whole examples of at
+most ``tokenization.max_seq_len`` tokens (:func:`pack`, deterministic in the permutation): a micro-batch is
+``micro_batch_size`` such sequences, and the checkpoint's position counts micro-batches of them, so packing is as
+seeded and as resumable as padding. With ``train.group_by_length`` the permutation is reordered so that a
+micro-batch holds examples of similar length (:func:`group_by_length`). :func:`epoch_plan` gives a rank's
+micro-batches in every case, each a list of sequences (arrays of row indices; one row each without packing).
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def pack(order: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarr
     prepare truncated every example to ``capacity`` already). Deterministic in ``order``.
 
     Best fit, decreasing, in chunks of the permutation: each chunk of ``PACKING_CHUNK`` examples is sorted longest
-    first, and each example goes into the open sequence it fills best, else opens one. On GSM8K-like lengths
-    (mean 45% of the capacity) this leaves ~3.5% of the positions empty, where first fit in permutation order
-    leaves ~6.5% (``benchmarks/train_throughput.py``)."""
+    first, and each example goes into the open sequence it fills best, else opens one: a long example then
+    finds short ones to fill its sequence, which first fit in permutation order leaves empty more often
+    (``benchmarks/train_throughput.py --layouts`` measures the padding that remains)."""
     sizes_all = np.minimum(lengths, capacity)
     room = np.empty(0, dtype=np.int64)  # free tokens of each open sequence
     members: list[list[int]] = []
@@ -233,11 +233,8 @@ def _one_row_each(indices: np.ndarray) -> list[np.ndarray]:
 def micro_batches_per_epoch(lengths: np.ndarray, num_rows: int, epochs: int, seed: int, world_size: int,
                             micro_batch_size: int, packing_capacity: int) -> list[int]:
     """How many micro-batches each rank gets in each of ``epochs`` packed epochs (the step count follows them)."""
-    counts = []
-    for epoch in range(epochs):
-        sequences = len(pack(np.random.default_rng([seed, epoch]).permutation(num_rows), lengths, packing_capacity))
-        counts.append((sequences // world_size) // micro_batch_size)
-    return counts
+    return [len(epoch_plan(lengths, num_rows, epoch, seed, 0, world_size, micro_batch_size, packing_capacity))
+            for epoch in range(epochs)]
 
 
 def chain(digest: str, indices: Any) -> str:

@@ -235,12 +235,9 @@ def _fit(engine: Any, store: TokenStore, pad_token_id: int, device: Any, cfg: Lo
         for sequences in plan[position.batch_in_epoch:]:
             indices = np.concatenate(sequences)
             rows = store.batch(indices)
-            if capacity is None:
-                batch = collate(rows, pad_token_id, device)
-                tokens = batch["attention_mask"].sum()
-            else:
-                batch, tokens = collate_packed(rows, [len(s) for s in sequences], pad_token_id, device), \
-                    sum(len(x) for x in rows["input_ids"])
+            batch = (collate(rows, pad_token_id, device) if capacity is None
+                     else collate_packed(rows, [len(s) for s in sequences], pad_token_id, device))
+            tokens = sum(len(x) for x in rows["input_ids"])  # not padding
             if probe is None:
                 probe = {k: v[:2].clone() for k, v in collate({k: v[:2] for k, v in rows.items()}, pad_token_id,
                                                               device).items()}
