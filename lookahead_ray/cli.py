@@ -160,7 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lookahead_ray.eval.report import report_table
     from lookahead_ray.eval.runner import parse_model_args, run_eval
 
-    overrides = list(args.overrides) + ([f"eval.output_dir={args.output_dir}"] if args.output_dir else [])
+    overrides = list(args.overrides) + ([f"eval.output_dir={args.output_dir}"] if args.output_dir else []) + (
+        [f"eval.base_model={args.base}"] if args.base else [])
     cfg = load_config(args.config, overrides)
     results = run_eval(cfg, parse_model_args(args.model))
     print(report_table(results))
@@ -331,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="safety (RSR, JSR), utility and first-token drift of several models")
     _add_config_args(evaluate, "eval.max_new_tokens=256 eval.gpus_per_actor=1")
     evaluate.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
-                          help="a Hugging Face model directory (repeat for several; the first is the drift seed)")
+                          help="a Hugging Face model directory or a LoRA adapter directory (repeat for several; the "
+                               "first is the drift seed)")
+    evaluate.add_argument("--base", metavar="DIR", help="the base model of LoRA adapters given as --model "
+                          "(same as eval.base_model=...; default: the base each adapter names)")
     evaluate.add_argument("--output-dir", help="where results go (same as eval.output_dir=...)")
     search = sub.add_parser("tune", help="search m and P (and training knobs) on Ray Tune: prepare -> train -> eval")
     _add_config_args(search, "tune.num_samples=8 tune.max_concurrent_trials=2")

@@ -196,12 +196,46 @@ def torch_dtype(precision: str | None) -> Any:
     return {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
 
 
-def load_pretrained_model(path: str, *, precision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` in the given precision."""
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def model_marker(directory: str) -> str:
+    """The file that makes ``directory`` a model: config.json, or adapter_config.json for a LoRA adapter."""
+    adapter = storage.join(directory, ADAPTER_CONFIG)
+    return adapter if storage.is_file(adapter) else storage.join(directory, "config.json")
+
+
+def adapter_base(directory: str, base: str | None = None) -> str | None:
+    """The base model of a LoRA adapter directory (``base`` if given, else the one the adapter names); None for a
+    full model directory.
+
+    Raises:
+        ModelLoadError: an adapter that names no base model, and none given.
+    """
+    path = storage.join(directory, ADAPTER_CONFIG)
+    if not storage.is_file(path):
+        return None
+    named = json.loads(storage.read_text(path)).get("base_model_name_or_path")
+    if base or named:
+        return base or named
+    raise ModelLoadError(f"{directory} is a LoRA adapter that names no base model; name it with --base DIR "
+                         "(eval.base_model)")
+
+
+def load_pretrained_model(path: str, *, precision: str | None = None, trust_remote_code: bool = False,
+                          base: str | None = None) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` in the given precision. A LoRA adapter directory is loaded onto its
+    base (:func:`adapter_base`) and merged into it, so callers get a plain model either way."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(local_model_dir(path), dtype=torch_dtype(precision),
-                                                trust_remote_code=trust_remote_code)
+    base_dir = adapter_base(path, base)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir(base_dir or path), dtype=torch_dtype(precision),
+                                                 trust_remote_code=trust_remote_code)
+    if base_dir is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, local_model_dir(path)).merge_and_unload()
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) -> Any:
@@ -220,11 +254,12 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, dtype: Any = None) 
 
 
 def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None, device: str | None = None,
-                             expect_gpu: bool = False) -> tuple[Any, Any, Any]:
+                             expect_gpu: bool = False, base: str | None = None) -> tuple[Any, Any, Any]:
     """A model for generation (bf16 on GPU, fp32 on CPU), its tokenizer with left padding, and the device.
 
     ``cfg`` supplies ``trust_remote_code`` and ``chat_template`` (its ``tokenizer`` is ignored: a model
-    directory ships its own).
+    directory ships its own). A LoRA adapter directory is merged into its base (``base``, else the one it names);
+    its tokenizer is the adapter's own if it ships one, else the base's.
 
     Raises:
         ConfigError: ``expect_gpu`` (the process was given a GPU) but no CUDA device is visible (names the node).
@@ -239,9 +274,12 @@ def load_model_for_inference(model_dir: str, cfg: ModelConfig | None = None, dev
                           "and driver, or set eval.gpus_per_actor=0 to evaluate on CPU")
     cfg = cfg or ModelConfig()
     model_dir = local_model_dir(model_dir)
+    base_dir = adapter_base(model_dir, base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
+    own_tokenizer = base_dir is None or os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model_dir if own_tokenizer else local_model_dir(base_dir),
+                               trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template,
                                padding_side="left")
     model = load_pretrained_model(model_dir, precision="bf16" if device == "cuda" else "fp32",
-                                  trust_remote_code=cfg.trust_remote_code)
+                                  trust_remote_code=cfg.trust_remote_code, base=base_dir)
     return model.to(device).eval(), tokenizer, torch.device(device)

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 NEEDS_SHARED_DATA = {"preview_throughput.py"}
-EXTRA = {"train_throughput.py": [[], ["--layouts"]]}
+EXTRA = {"train_throughput.py": [[], ["--layouts"], ["--layouts", "--one-engine", "--lora"]]}
 
 
 @pytest.mark.slow

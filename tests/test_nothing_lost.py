@@ -150,7 +150,8 @@ def _local_cfg(tmp_path: Path, *overrides: str) -> LookaheadConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [[], ["train.packing=true", "train.micro_batch_size=2"],
-                                    ["train.group_by_length=true"]], ids=["padded", "packed", "grouped"])
+                                    ["train.group_by_length=true"], ["train.lora={dropout: 0.0}"]],
+                         ids=["padded", "packed", "grouped", "lora"])
 def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_and_ends_where_an_uninterrupted_run_ends(
         tmp_path, monkeypatch, layout):
     from safetensors.torch import load_file

@@ -205,13 +205,13 @@ def test_eval_tiny_cpu_config_runs_on_a_trained_tiny_model(ray_local, tmp_path, 
 
 def test_dry_run_fails_a_recipe_that_does_not_fit_its_gpus_and_warns_on_a_tight_one(capsys):
     recipe = str(REPO / "configs" / "llama2_70b_gsm8k_real_zero3.yaml")
-    assert main(["train", "--config", recipe, "--dry-run"]) == 0  # 39.6 GB of 80
-    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=40"]) == 0  # tight: a warning
-    assert "[warn] cost: 39.6 GB per GPU is above 90% of train.gpu_memory_gb 40" in capsys.readouterr().out
-    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=40", "--strict"]) == 2
+    assert main(["train", "--config", recipe, "--dry-run"]) == 0  # 48.3 GB of 80
+    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=50"]) == 0  # tight: a warning
+    assert "[warn] cost: 48.3 GB per GPU is above 90% of train.gpu_memory_gb 50" in capsys.readouterr().out
+    assert main(["train", "--config", recipe, "--dry-run", "train.gpu_memory_gb=50", "--strict"]) == 2
     assert main(["train", "--config", recipe, "--dry-run", "train.num_workers=16", "train.micro_batch_size=4",
                  "train.gpu_memory_gb=40"]) == 2
-    assert "[FAIL] cost: train.gpu_memory_gb: the run needs about 76.2 GB per GPU, more than the 40 GB given" in \
+    assert "[FAIL] cost: train.gpu_memory_gb: the run needs about 93.4 GB per GPU, more than the 40 GB given" in \
         capsys.readouterr().out
 
 
@@ -227,10 +227,10 @@ def test_a_recipe_that_does_not_fit_its_gpus_fails_train_itself_before_ray_start
                       [f"train.output_dir={tmp_path / 'run'}", "train.num_workers=16", "train.micro_batch_size=4",
                        "train.gpu_memory_gb=40"])
     plan = plan_training(cfg)  # the same plan the dry run prints
-    assert plan.cost is not None and round(plan.cost.gpu_total / 1e9, 1) == 76.2 and not plan.passed
+    assert plan.cost is not None and round(plan.cost.gpu_total / 1e9, 1) == 93.4 and not plan.passed
     assert plan.resources == {"CPU": 16 * cfg.train.cpus_per_worker, "GPU": 16.0}
     assert plan.outputs == {"train.output_dir": str(tmp_path / "run")}
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a plan that failed"))
-    with pytest.raises(ConfigError, match=r"train.gpu_memory_gb: the run needs about 76.2 GB per GPU"):
+    with pytest.raises(ConfigError, match=r"train.gpu_memory_gb: the run needs about 93.4 GB per GPU"):
         run_training(cfg)
     assert not (tmp_path / "run").exists()

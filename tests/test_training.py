@@ -262,6 +262,27 @@ def test_flash_attention_without_a_gpu_fails_in_the_plan_and_a_kernel_this_node_
         use_attention(model, "flash_attention_2")  # no flash-attn package (nor CUDA) here
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.attn_implementation=flex_attention", "flex_attention trains on CUDA GPUs only"),
+    ("model.liger_kernel=true", "model.liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs"),
+])
+def test_gpu_only_kernels_fail_in_the_plan_on_cpu_and_liger_names_the_node_without_cuda(tmp_path, override, message):
+    import socket
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lookahead_ray.train.loop import use_liger
+    from lookahead_ray.train.plan import plan_training
+
+    with pytest.raises(ConfigError, match=message):
+        plan_training(_cfg(tmp_path, override)).check()
+    plan_training(_cfg(tmp_path, override, "train.use_gpu=true"))  # planned on a CPU head for GPU workers: fine
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match=f"model.liger_kernel: no CUDA device is visible on node {socket.gethostname()}"):
+        use_liger(model)
+
+
 def test_missing_model_path_fails_before_ray(tmp_path):
     from lookahead_ray.train.driver import run_training
 

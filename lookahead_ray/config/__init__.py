@@ -7,6 +7,7 @@ from lookahead_ray.config.schema import (
     EvalConfig,
     JudgeConfig,
     LookaheadConfig,
+    LoraConfig,
     ModelConfig,
     ObjectiveConfig,
     PreviewConfig,
@@ -19,6 +20,6 @@ from lookahead_ray.config.schema import (
 )
 from lookahead_ray.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig",
+__all__ = ["ConfigError", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "LoraConfig",
            "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig", "RecordConfig", "SearchConfig",
            "TinyModelConfig", "TokenizationConfig", "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]

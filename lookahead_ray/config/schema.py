@@ -140,9 +140,13 @@ class ModelConfig:
     """Run code shipped with the model or tokenizer; off unless you trust the source."""
     chat_template: str | None = None
     """A Jinja chat template for tokenizers that ship none (e.g. a bare SentencePiece model)."""
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = None
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] | None = None
     """The attention kernel for training (transformers' attn_implementation); default: transformers' choice
-    (sdpa). flash_attention_2 needs the flash-attn package and CUDA."""
+    (sdpa). flash_attention_2 needs the flash-attn package and CUDA; flex_attention (torch's, compiled with Triton
+    on first use) skips the blocks a packed sequence's examples do not share, where flash-attn is not installed."""
+    liger_kernel: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy that never materialises the
+    fp32 logits): CUDA only, ``pip install 'lookahead-ray[liger]'``."""
 
     def tokenizer_source(self) -> str:
         """``tokenizer``, else the model's own (``name_or_path``), else the builtin one for ``tiny`` models.
@@ -157,6 +161,36 @@ class ModelConfig:
         if self.tiny is not None:
             return BUILTIN_TINY_TOKENIZER
         raise ConfigError("model.tokenizer is not set (nor model.name_or_path to take it from)")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning: the base weights stay frozen, only the adapters train."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    """Module names that get adapters; default: every attention and MLP projection of the model family (Llama,
+    Mistral, Qwen, Gemma, ...), else peft's "all-linear" (every linear layer but the output head)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. embed_tokens, lm_head after adding tokens)."""
+    merge: bool = True
+    """Also export the base with the adapter merged into it (final/, loadable by plain transformers); the adapter
+    itself is in final/adapter/. false: final/ is the adapter alone."""
+    quantize: Literal["4bit"] | None = None
+    """QLoRA: the frozen base in bitsandbytes NF4 (CUDA GPUs, ZeRO-2, model.name_or_path; ``pip install
+    'lookahead-ray[qlora]'``)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.lora: r must be >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
+                              f"alpha={self.alpha}, dropout={self.dropout})")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("train.lora.target_modules is empty: name the modules, or leave it unset for the default")
 
 
 @dataclass
@@ -199,6 +233,8 @@ class TrainConfig:
     epochs: int = 1
     gradient_clipping: float = 1.0
     gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on a frozen base instead of every weight (see LoraConfig); part of the run's identity."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer states to CPU memory."""
     offload_params: bool = False
@@ -252,6 +288,9 @@ class TrainConfig:
                               f" x num_workers {self.num_workers} = {expected}")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("train.offload_params needs train.zero_stage 3")
+        if self.lora is not None and self.lora.quantize and self.zero_stage != 2:
+            raise ConfigError("train.lora.quantize: 4bit runs under train.zero_stage 2 (DeepSpeed cannot partition "
+                              "bitsandbytes' 4-bit weights); set train.zero_stage=2")
         if self.packing and self.group_by_length:
             raise ConfigError("train.packing and train.group_by_length: choose one (packing leaves no padding to "
                               "group away)")
@@ -337,6 +376,9 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     seed_model: str | None = None
     """The model the others are compared with for drift (KL per answer position); default: the first model."""
+    base_model: str | None = None
+    """The base of every LoRA adapter directory given as a model (`eval --base`); default: the base each adapter's
+    adapter_config.json names."""
     drift_positions: int = 10
     drift_max_prompts: int = 64
     num_actors: int = 1

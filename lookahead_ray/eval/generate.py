@@ -58,7 +58,8 @@ class ResponseGenerator:
         model_cfg = ModelConfig(trust_remote_code=settings.get("trust_remote_code", False),
                                 chat_template=settings.get("chat_template"))
         self.model, self.tokenizer, self.device = load_model_for_inference(model_dir, model_cfg,
-                                                                           expect_gpu=settings.get("expect_gpu", False))
+                                                                           expect_gpu=settings.get("expect_gpu", False),
+                                                                           base=settings.get("base_model"))
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from lookahead_ray.eval.prompt_sets import load_prompt_set
 from lookahead_ray.eval.report import plot_drift, report_table
 from lookahead_ray.eval.safety import keyword_refusal, safe_rates
 from lookahead_ray.eval.utility import utility_score
+from lookahead_ray.modeling import adapter_base, model_marker
 from lookahead_ray.prompts import user_prompt_messages
 
 logger = logging.getLogger(__name__)
@@ -46,14 +47,16 @@ def parse_model_args(values: list[str]) -> list[tuple[str, str]]:
     return models
 
 
-def _check_models(models: list[tuple[str, str]], seed_model: str | None) -> None:
+def _check_models(models: list[tuple[str, str]], seed_model: str | None, base_model: str | None = None) -> None:
     """Every model directory, the drift seed included, before anything is generated."""
     if not models:
         raise ConfigError("eval: give at least one --model DIR")
     named = models + ([("eval.seed_model", seed_model)] if seed_model else [])
     for name, directory in named:
-        if not storage.is_file(storage.join(storage.absolute(directory), "config.json")):
-            raise FileNotFoundError(f"eval: model {name!r}: {directory} is not a Hugging Face model directory")
+        if not storage.is_file(model_marker(storage.absolute(directory))):
+            raise FileNotFoundError(f"eval: model {name!r}: {directory} is not a Hugging Face model directory (nor a "
+                                    "LoRA adapter)")
+        adapter_base(storage.absolute(directory), base_model)  # an adapter whose base is unknown fails here
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval: model names must be unique, got {names}; use NAME=DIR")
@@ -100,7 +103,7 @@ def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, 
     output_dir = cfg.stage_dir("eval")
     if not output_dir:
         raise ConfigError("eval.output_dir is not set (use --output-dir DIR)")
-    _check_models(models, ev.seed_model)
+    _check_models(models, ev.seed_model, ev.base_model)
     sets = {kind: load_prompt_set(s) for kind, s in
             (("rsr", ev.harmful), ("jsr", ev.harmful_answers), ("utility", ev.utility), ("benign", ev.benign)) if s}
     if not sets:
@@ -116,11 +119,11 @@ def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, 
     console.use_output_dir(out)
     init_ray()
     # The generation actors load each model on whichever node they run: every node must see it.
-    check_visible_on_every_node({}, {f"--model {name}": storage.join(d, "config.json") for name, d in models})
+    check_visible_on_every_node({}, {f"--model {name}": model_marker(d) for name, d in models})
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
                 "trust_remote_code": cfg.model.trust_remote_code, "chat_template": cfg.model.chat_template,
-                "expect_gpu": ev.gpus_per_actor > 0}
+                "expect_gpu": ev.gpus_per_actor > 0, "base_model": ev.base_model}
     rows = _generation_rows(cfg, sets)
     results: dict[str, Any] = {"models": {}, "config": cfg.to_dict(), "versions": _versions()}
     samples: list[dict] = []
@@ -212,7 +215,8 @@ def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> d
         conversations["benign"] = [_messages(cfg, "benign", x["prompt"]) for x in benign[: ev.drift_max_prompts]]
     tuned = [(name, directory) for name, directory in models if directory != storage.absolute(seed_dir)]
     task = ray.remote(drift_against_seed).options(num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor)
-    drift = ray.get(task.remote(seed_dir, tuned, conversations, ev.drift_positions, cfg.model, ev.gpus_per_actor > 0))
+    drift = ray.get(task.remote(seed_dir, tuned, conversations, ev.drift_positions, cfg.model, ev.gpus_per_actor > 0,
+                                ev.base_model))
     for name in [name for name, values in drift.items() if values is None]:
         logger.warning("drift skipped for %s: its tokenizer differs from the seed model's", name)
         del drift[name]
@@ -220,16 +224,17 @@ def _drift(cfg: LookaheadConfig, models: list[tuple[str, str]], sets: dict) -> d
 
 
 def drift_against_seed(seed_dir: str, models: list[tuple[str, str]], conversations: dict[str, list],
-                       positions: int, model_cfg: Any, expect_gpu: bool = False) -> dict[str, dict | None]:
+                       positions: int, model_cfg: Any, expect_gpu: bool = False,
+                       base_model: str | None = None) -> dict[str, dict | None]:
     """{name: {kind: first_token_drift}} of each model against the seed (one tuned model in memory at a time);
     None for a model whose tokenizer differs from the seed's."""
     from lookahead_ray.eval.drift import first_token_drift
     from lookahead_ray.modeling import load_model_for_inference
 
-    seed, tokenizer, device = load_model_for_inference(seed_dir, model_cfg, expect_gpu=expect_gpu)
+    seed, tokenizer, device = load_model_for_inference(seed_dir, model_cfg, expect_gpu=expect_gpu, base=base_model)
     drift = {}
     for name, directory in models:
-        tuned, tuned_tokenizer, _ = load_model_for_inference(directory, model_cfg, device.type)
+        tuned, tuned_tokenizer, _ = load_model_for_inference(directory, model_cfg, device.type, base=base_model)
         same_tokens = tuned_tokenizer.get_vocab() == tokenizer.get_vocab()
         drift[name] = {kind: first_token_drift(seed, tuned, tokenizer, conv, positions, device)
                        for kind, conv in conversations.items()} if same_tokens else None

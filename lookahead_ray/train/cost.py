@@ -51,6 +51,16 @@ class ModelShape:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embeddings + h
 
+    def lora_parameters(self, r: int, targets: list[str] | None = None) -> int:
+        """Adapter parameters of rank ``r`` on ``targets`` (Llama projection names; default: all seven), r x (in +
+        out) each."""
+        h, i = self.hidden_size, self.intermediate_size
+        kv = h // self.num_attention_heads * self.num_key_value_heads
+        sizes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+                 "up_proj": (h, i), "down_proj": (i, h)}
+        chosen = [name for name in (targets or sizes) if name in sizes] or list(sizes)
+        return self.num_hidden_layers * sum(r * sum(sizes[name]) for name in chosen)
+
 
 @dataclass
 class CostReport:
@@ -61,6 +71,7 @@ class CostReport:
     checkpoint_bytes: float = 0.0
     checkpoints_on_disk: int = 0
     run_disk_bytes: float = 0.0
+    trainable_parameters: int = 0
 
     @property
     def gpu_total(self) -> float:
@@ -68,7 +79,9 @@ class CostReport:
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{name} {_size(value)}" for name, value in self.gpu_bytes.items())
-        return [f"{self.parameters / 1e9:.3g} B parameters, {self.world_size} worker(s): GPU memory per device "
+        trained = (f" ({self.trainable_parameters / 1e6:.3g} M trained: LoRA)"
+                   if 0 < self.trainable_parameters < self.parameters else "")
+        return [f"{self.parameters / 1e9:.3g} B parameters{trained}, {self.world_size} worker(s): GPU memory per device "
                 f"{_size(self.gpu_total)} ({parts})",
                 f"host memory per node while loading {_size(self.host_loading_bytes_per_node)}; one checkpoint "
                 f"{_size(self.checkpoint_bytes)}, up to {self.checkpoints_on_disk} on disk; the run needs "
@@ -84,34 +97,45 @@ def estimate(shape: ModelShape, train: TrainConfig, seq_len: int, workers_per_no
     p, world = shape.parameters, train.num_workers
     weight_bytes = 2 if train.precision == "bf16" else 4
     sharded = world if train.zero_stage == 3 else 1
-    gpu = {"weights": 0.0 if train.offload_params else weight_bytes * p / sharded,
-           "gradients": weight_bytes * p / world,
-           "optimizer": 0.0 if train.offload_optimizer else ADAM_BYTES * p / world}
+    lora = train.lora
+    # LoRA: only the adapters have gradients and Adam states; a QLoRA base is NF4 with double quantization (~0.53
+    # bytes a parameter), not sharded by ZeRO-2.
+    trained = shape.lora_parameters(lora.r, lora.target_modules) if lora else p
+    base_bytes = 0.53 if lora and lora.quantize else weight_bytes
+    # bf16: DeepSpeed turns the rank's gradient partition into an fp32 copy for the optimizer step (+4 bytes a
+    # parameter; measured on one H200: 112.7 GB peak for 5.1 B parameters, benchmarks/gpu_check.sh).
+    gradient_bytes = weight_bytes + (4 if train.precision == "bf16" and not train.offload_optimizer else 0)
+    gpu = {"weights": 0.0 if train.offload_params else (base_bytes * p + weight_bytes * (trained if lora else 0)) / sharded,
+           "gradients": gradient_bytes * trained / world,
+           "optimizer": 0.0 if train.offload_optimizer else ADAM_BYTES * trained / world}
     b, s, h, layers = train.micro_batch_size, seq_len, shape.hidden_size, shape.num_hidden_layers
     per_layer = 34 * s * b * h + 5 * shape.num_attention_heads * s * s * b
     gpu["activations"] = (layers * 2 * s * b * h + per_layer) if train.gradient_checkpointing else layers * per_layer
     gpu["logits"] = 2 * 4 * b * s * shape.vocab_size  # fp32 logits and their gradient
     # ZeRO-2's reduce and allgather buckets; with overlap_comm (on GPUs) DeepSpeed documents 4.5x of them.
-    zero2_buckets = 2 * 2 * BUCKET_ELEMENTS * (4.5 if train.use_gpu else 1)
-    gpu["buckets"] = 2 * (STAGE3_LIVE_ELEMENTS + BUCKET_ELEMENTS) if train.zero_stage == 3 else zero2_buckets
+    # Buckets hold gradients of trained parameters only: LoRA's adapters fill a fraction of one.
+    zero2_buckets = 2 * 2 * min(BUCKET_ELEMENTS, trained) * (4.5 if train.use_gpu else 1)
+    gpu["buckets"] = (2 * (STAGE3_LIVE_ELEMENTS + min(BUCKET_ELEMENTS, trained)) if train.zero_stage == 3
+                      else zero2_buckets)
     local = workers_per_node or world
     # While loading (benchmarks/model_load_memory.py): ZeRO-2 memory-maps the safetensors, so the node's page cache
     # holds one copy of the checkpoint for all its workers; under ZeRO-3 each worker reads only its partition
     # (train.zero3_loading), local/world of the checkpoint per node. Offloaded states stay in host memory.
     host = weight_bytes * p * (local / world if train.zero_stage == 3 else 1)
     if train.offload_optimizer:
-        host += ADAM_BYTES * p * local / world
+        host += ADAM_BYTES * trained * local / world
     if train.offload_params and train.zero_stage == 3:
         host += weight_bytes * p * local / world
-    checkpoint = checkpoint_bytes(p, train)
+    checkpoint = checkpoint_bytes(trained, train)  # a LoRA checkpoint holds the adapters, not the frozen base
     kept = train.keep_checkpoints + 1  # Ray Train deletes the oldest only after the newest is in place
-    export = weight_bytes * p
-    return CostReport(p, world, gpu, host, checkpoint, kept, kept * checkpoint + 2 * export)
+    export = weight_bytes * (p * (lora.merge if lora else 1) + (trained if lora else 0))
+    return CostReport(p, world, gpu, host, checkpoint, kept, kept * checkpoint + 2 * export,
+                      trainable_parameters=trained)
 
 
 def checkpoint_bytes(parameters: int, train: TrainConfig) -> float:
-    """One DeepSpeed checkpoint of ``train.export.save_state``: Adam's fp32 state (sharded over the ranks, 12 bytes a
-    parameter in all) plus, under ZeRO-2, the model's weights in the training precision (ZeRO-3 keeps them only in
-    the fp32 partitions)."""
+    """One DeepSpeed checkpoint of ``train.export.save_state`` over ``parameters`` trained ones: Adam's fp32 state
+    (sharded over the ranks, 12 bytes a parameter in all) plus, under ZeRO-2, the trained weights in the training
+    precision (ZeRO-3 keeps them only in the fp32 partitions)."""
     weights = (2 if train.precision == "bf16" else 4) * parameters if train.zero_stage == 2 else 0
     return ADAM_BYTES * parameters + weights

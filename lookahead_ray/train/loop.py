@@ -25,6 +25,7 @@ from lookahead_ray.train.checkpoints import mark_complete
 from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches, epoch_plan
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
+from lookahead_ray.train.lora import add_adapters, check_adapters, load_quantized, parameter_counts
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
 from lookahead_ray.train.worker_io import WorkerIO
 from lookahead_ray.train.zero3_loading import load_zero3_model
@@ -48,10 +49,11 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     cfg = LookaheadConfig.from_dict(loop_config["config"])
     total_steps = int(loop_config["total_steps"])
     engine, tokenizer, device = setup_engine(cfg, io.world_size, total_steps)
-    position = _resume(engine, io)
+    position = _resume(engine, io, adapters_only=cfg.train.lora is not None)
     meter = StepMeter(cfg.train.gradient_accumulation_steps, io.world_size, device,
                       setup_seconds=time.perf_counter() - entered,
                       resumed_from_step=position.step if position.resumed else None)
+    trainable, total = parameter_counts(engine.module)
     writers = MetricWriters(loop_config["log_dir"], cfg.train, loop_config.get("progress")) if io.world_rank == 0 \
         else None
     try:  # close TensorBoard / MLflow even when training or the export fails
@@ -65,6 +67,7 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
             final = {**meter.last, "step": position.step, "epoch": position.epoch, "final": True,
                      "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
                      "checkpoints_written_in_place": io.writes_in_place,
+                     "trainable_parameters": trainable, "trainable_share": trainable / total,
                      "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
             export_model(engine, tokenizer, cfg, directory, probe, io.world_rank, final)
             if cfg.train.verify_export:
@@ -108,19 +111,31 @@ def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tup
                           "GPUs and driver, or set train.use_gpu=false to train on CPU")
     tokenizer = tokenizer_for(cfg.model)
     ds_config = build_deepspeed_config(train, world_size, on_gpu)
-    model = load_training_model(cfg, tokenizer, ds_config)
+    model = load_training_model(cfg, tokenizer, ds_config, on_gpu)
+    if train.lora is not None:
+        import torch
+
+        torch.manual_seed(train.seed)  # the adapters' random init: the same on every run of these settings
+        model = add_adapters(model, train.lora, cfg.model.name_or_path)
+    trainable, total = parameter_counts(model)
+    logger.info("training %s of %s parameters (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                " : LoRA adapters" if train.lora is not None else "")
     engine = initialize_engine(model, cfg.train, ds_config, total_steps, on_gpu)
     return engine, tokenizer, device
 
 
-def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any]) -> Any:
+def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any], on_gpu: bool = False) -> Any:
     """The model to train. Under ZeRO-3 a checkpoint (``model.name_or_path``) is partitioned while it is loaded,
     each rank reading only its own part (``train.zero3_loading``), instead of building the whole model on every
     rank; otherwise ``from_pretrained`` memory-maps the safetensors (one copy per node: the page cache)."""
     # Loaded in the precision the run asks for: with dtype None transformers keeps the checkpoint's own dtype
     # (fp16 for Llama-2-7b-chat), which DeepSpeed would then train in without loss scaling.
     dtype = torch_dtype(cfg.train.precision)
-    if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
+    lora = cfg.train.lora
+    if lora is not None and lora.quantize:
+        check_adapters(cfg.train, cfg.model.name_or_path, on_gpu_here=on_gpu)
+        model = load_quantized(local_model_dir(cfg.model.name_or_path), dtype, cfg.model.trust_remote_code)
+    elif cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
         import deepspeed
         import torch
 
@@ -131,7 +146,8 @@ def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[st
                                  cfg.model.trust_remote_code)
     else:
         model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=dtype)
-    return use_attention(model, cfg.model.attn_implementation)
+    model = use_attention(model, cfg.model.attn_implementation)
+    return use_liger(model) if cfg.model.liger_kernel else model
 
 
 def use_attention(model: Any, implementation: str | None) -> Any:
@@ -149,6 +165,28 @@ def use_attention(model: Any, implementation: str | None) -> Any:
 
         raise ConfigError(f"model.attn_implementation: {implementation} is not available on node "
                           f"{socket.gethostname()} ({str(exc).splitlines()[0]}); install it there or choose sdpa") from None
+    return model
+
+
+def use_liger(model: Any) -> Any:
+    """Liger's Triton kernels patched into the built model (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
+
+    Raises:
+        ConfigError: liger-kernel is not installed on this node, or no CUDA device is visible.
+    """
+    import socket
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.liger_kernel: no CUDA device is visible on node {socket.gethostname()}; Liger's "
+                          "kernels run on CUDA GPUs only (set model.liger_kernel=false)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ConfigError(f"model.liger_kernel: liger-kernel cannot be imported on node {socket.gethostname()} "
+                          f"({exc}); pip install 'lookahead-ray[liger]' there") from None
+    _apply_liger_kernel_to_instance(model=model)
     return model
 
 
@@ -175,14 +213,17 @@ def initialize_engine(model: Any, train: TrainConfig, ds_config: dict[str, Any],
     import torch
 
     if train.gradient_checkpointing:
+        if train.lora is not None:  # checkpointed blocks of a frozen base get inputs that need grad, for the adapters'
+            model.enable_input_require_grads()
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     client_optimizer = "optimizer" not in ds_config
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, betas=tuple(train.adam_betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, without LoRA
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, betas=tuple(train.adam_betas),
                                   weight_decay=train.weight_decay, fused=on_gpu or None) if client_optimizer else None
     schedule = lr_multiplier(train, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if client_optimizer else model.parameters(),
+                                           model_parameters=None if client_optimizer else trainable,
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine
 
@@ -203,12 +244,12 @@ class Position:
                 "data_sha": self.data_sha}
 
 
-def _resume(engine: Any, io: WorkerIO) -> Position:
-    """The position after loading the worker's latest checkpoint, if any."""
+def _resume(engine: Any, io: WorkerIO, adapters_only: bool) -> Position:
+    """The position after loading the worker's latest checkpoint, if any (``adapters_only``: a LoRA run's)."""
     with io.latest_checkpoint() as checkpoint:
         if checkpoint is None:
             return Position()
-        state = load_state(engine, checkpoint)
+        state = load_state(engine, checkpoint, adapters_only)
     position = Position(int(state["step"]), int(state["epoch"]), int(state.get("batch_in_epoch", 0)),
                         state.get("data_sha", ""), resumed=True)
     logger.info("rank %d resumed from step %d (epoch %d, micro-batch %d)", io.world_rank, position.step,

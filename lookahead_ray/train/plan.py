@@ -80,10 +80,23 @@ class TrainPlan:
                 f"{self.cfg.tokenization.max_seq_len})")
 
 
-def _attention(plan: TrainPlan) -> None:
-    if plan.cfg.model.attn_implementation == "flash_attention_2" and not plan.cfg.train.use_gpu:
+def _kernels(plan: TrainPlan) -> None:
+    model, train = plan.cfg.model, plan.cfg.train
+    if model.attn_implementation == "flash_attention_2" and not train.use_gpu:
         raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; set train.use_gpu=true "
                           "or use sdpa (with train.packing it still keeps examples apart)")
+    if model.attn_implementation == "flex_attention" and not train.use_gpu:
+        raise ConfigError("model.attn_implementation: flex_attention trains on CUDA GPUs only (torch has no CPU backward "
+                          "for it); set train.use_gpu=true or use sdpa")
+    if model.liger_kernel and not train.use_gpu:
+        raise ConfigError("model.liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs; set train.use_gpu=true "
+                          "or model.liger_kernel=false")
+
+
+def _adapters(plan: TrainPlan) -> None:
+    from lookahead_ray.train.lora import check_adapters
+
+    check_adapters(plan.cfg.train, plan.cfg.model.name_or_path)
 
 
 def plan_training(cfg: LookaheadConfig, tokenizer_vocab: int | None = None) -> TrainPlan:
@@ -94,7 +107,8 @@ def plan_training(cfg: LookaheadConfig, tokenizer_vocab: int | None = None) -> T
     plan = TrainPlan(cfg)
     _attempt(plan, _locations)
     _attempt(plan, _sources)
-    _attempt(plan, _attention)
+    _attempt(plan, _kernels)
+    _attempt(plan, _adapters)
     train = cfg.train
     plan.resources = {"CPU": train.num_workers * train.cpus_per_worker} | (
         {"GPU": float(train.num_workers)} if train.use_gpu else {})

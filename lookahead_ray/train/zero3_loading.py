@@ -60,7 +60,7 @@ def load_zero3_model(model_dir: str, ds_config: dict[str, Any], dtype: Any, trus
 
 def _build_partitioned(model_dir: str, ds_config: dict[str, Any], dtype: Any, trust_remote_code: bool) -> Any:
     import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
@@ -75,7 +75,7 @@ def _build_partitioned(model_dir: str, ds_config: dict[str, Any], dtype: Any, tr
 
     known = all(hasattr(deepspeed.zero.Init, name) for name in ("_zero_init_param", "_convert_to_deepspeed_param"))
     partitioned_init = PartitionWithoutBroadcast if known else deepspeed.zero.Init
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = _import_model_classes(model_dir, trust_remote_code)
     # No weight is initialised (every one is overwritten from the checkpoint); rotary buffers keep their fp32.
     # zero.Init takes its dtype from the config's bf16 / fp16 sections: its own `dtype=` argument is overridden by
     # bf16 on accelerators without fp16 (the CPU) in DeepSpeed 0.19, so it is not passed.
@@ -176,11 +176,26 @@ def _read_own_partition(handle: Any, entry: TensorEntry, param: Any, rank: int) 
         own.copy_(entry.read(handle, start, end - start))
 
 
+def _import_model_classes(model_dir: str, trust_remote_code: bool) -> Any:
+    """The model's config, its modeling classes imported (the model built once on the meta device: no memory)
+    before any zero.Init: a class first defined inside zero.Init keeps the __init__ it had before its class
+    decorators ran (zero.Init records it at class creation and puts it back on exit), which drops transformers'
+    kernel wrappers and breaks every later model of that class in the process (the export check's reload)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return config
+
+
 def _load_through_transformers(model_dir: str, ds_config: dict[str, Any], dtype: Any,
                                trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    _import_model_classes(model_dir, trust_remote_code)
     keep_alive = HfDeepSpeedConfig(ds_config)  # from_pretrained sees ZeRO-3 while this object lives
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     del keep_alive
