@@ -191,6 +191,9 @@ def one_engine(args: argparse.Namespace, out: Path, lora: bool) -> dict:
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["layouts"][name] = row
         print(f"  {'lora' if lora else 'full'} {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    import resource
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process: one worker
     return result
 
 
@@ -254,6 +257,9 @@ def _print_one_engine(results: dict, args: argparse.Namespace) -> None:
           f"trained ({100 * lora['trainable_parameters'] / lora['parameters']:.2f}%); ratios against full fine-tuning "
           "of the same layout")
     same_model = not args.lora_layers or args.lora_layers == args.layers
+    if not args.gpu and same_model:
+        print(f"  peak RSS of the worker process: LoRA {lora['peak_rss_mb']:,.0f} MB, full fine-tuning "
+              f"{full['peak_rss_mb']:,.0f} MB ({lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x)")
     for name, row in lora["layouts"].items():
         ref = full["layouts"].get(name, {}) if same_model else {}
         if "error" in row:

@@ -189,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "world.hint_records=0); other keys configure the search: add --search")
     world_overrides = {key.removeprefix("world."): value for key, value in overrides.items()}
     options = {"quick": args.quick, "m": args.m, "virtual_prefix": args.P, "world": args.world,
-               "world_overrides": world_overrides}
+               "world_overrides": world_overrides, "lora": args.lora}
     if args.seeds:
         seeds = _seed_list(args.seeds)
         summary = run_demo_seeds(args.output_dir, seeds, **options)
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mechanism (default): the world with a task opener and hint-following seed in which "
                            "LookAhead's mechanism can appear; basic: without those ingredients")
     demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
+    demo.add_argument("--lora", action="store_true", help="the three variants train LoRA adapters on the seed model")
     demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
     demo.add_argument("--search", action="store_true",
                       help="instead: `tune` over m and P on the world's validation split (OUTPUT_DIR/search)")

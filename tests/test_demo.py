@@ -234,3 +234,30 @@ def test_world_overrides_and_seed_lists_are_checked_before_any_work(tmp_path, ca
         assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_quick_demo_with_lora_trains_the_three_variants_as_adapters(ray_local, tmp_path, monkeypatch, demo_cache):
+    from lookahead_ray.cli import main
+    from lookahead_ray.demo.run import SAFETY_COLUMNS
+    from lookahead_ray.eval.report import results_table
+
+    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))  # the seed model of the quick demo above
+    out = tmp_path / "demo-lora"
+    assert main(["demo", "--quick", "--lora", "--seed", "3", "--output-dir", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["demo"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0}
+    runs = saved["demo"]["runs"]
+    assert runs["real"] == "real-m6-seed3-mechanism-lora-quick"  # never resumes the full fine-tunes' runs
+    for variant in ("vanilla", "real", "virtual"):
+        run = out / "runs" / runs[variant]
+        assert (run / "final" / "adapter" / "adapter_config.json").exists()
+        metrics = json.loads((run / "train_result.json").read_text())
+        assert 0 < metrics["trainable_share"] < 0.5 and metrics["export_check_passed"] is True
+    report = (out / "report.md").read_text()
+    assert report.startswith("# lookahead-ray demo: vanilla vs real vs virtual preview (LoRA)")
+    assert "fine-tuned: LoRA adapters (rank 16, alpha 32, every projection) on the frozen seed model" in report
+    table = [line for line in report.split("## The mechanism")[0].splitlines()
+             if line.startswith("| ") and not line.startswith("| model")]
+    assert table == ["| " + " | ".join(row) + " |" for row in results_table(saved, SAFETY_COLUMNS)[1]]

@@ -166,7 +166,7 @@ def test_lora_on_two_workers_trains_only_the_adapters_resumes_exactly_and_export
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_eval_of_an_adapter_directory_equals_eval_of_its_merged_export(ray_local, tmp_path, capsys):
+def test_eval_of_an_adapter_directory_equals_eval_of_its_merged_export_and_export_rebuilds_both(ray_local, tmp_path, capsys):
     from lookahead_ray.modeling import build_model, tokenizer_for
     from lookahead_ray.train.driver import run_training_local
 
@@ -177,6 +177,14 @@ def test_eval_of_an_adapter_directory_equals_eval_of_its_merged_export(ray_local
     trained = run_training_local(_cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'seed'}",
                                       "model.tokenizer=null", "train.precision=fp32", "train.lora={dropout: 0.0}",
                                       "train.learning_rate=1.0e-2", "train.max_steps=12"))
+    # `export --checkpoint` rebuilds both exports from the adapter-only checkpoint, bit for bit.
+    from safetensors.torch import load_file
+
+    assert main(["export", "--checkpoint", trained.checkpoint_dir, "--output-dir", str(tmp_path / "rebuilt")]) == 0
+    for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(Path(trained.final_dir) / file)), load_file(str(tmp_path / "rebuilt" / "final" / file))
+        assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a), file
+
     out = tmp_path / "eval"
     argv = ["eval", "--config", str(REPO / "configs" / "eval_tiny_cpu.yaml"), "--output-dir", str(out),
             "--model", f"seed={tmp_path / 'seed'}", "--model", f"adapter={trained.final_dir}/adapter",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lookahead_ray.config import ObjectiveConfig, load_config
+from lookahead_ray.config import ConfigError, ObjectiveConfig, load_config
 from lookahead_ray.tune.objective import rank, score
 from lookahead_ray.tune.space import trials
 
@@ -54,6 +54,21 @@ def test_conditional_space_has_no_wasted_trials():
     assert len({json.dumps(t, sort_keys=True) for t in grid}) == len(grid)
     sampled = trials(load_config(None, ["tune.search=random", "tune.num_samples=3", "tune.m=[2, 4, 6]"]).tune)
     assert len(sampled) == 3 and len({json.dumps(t, sort_keys=True) for t in sampled}) == 3
+
+
+def test_lora_rank_and_learning_rate_are_searched_beside_m_and_p():
+    from lookahead_ray.config import apply_overrides
+    from lookahead_ray.tune.space import label
+
+    base = load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.modes=[real]", "tune.m=[2, 6]",
+                                                                 "tune.lora_ranks=[4, 16]", "tune.learning_rates=[1.0e-3]"])
+    grid = trials(base.tune)
+    assert len(grid) == 2 * 2 and {t["train.lora.r"] for t in grid} == {4, 16}
+    trial_cfg = apply_overrides(base, grid[-1])
+    assert trial_cfg.train.lora is not None and trial_cfg.train.lora.r == 16 and trial_cfg.train.learning_rate == 1e-3
+    assert label(grid[-1]) == "real m=6 lr=0.001 r=16"
+    with pytest.raises(ConfigError, match="tune.lora_ranks must be >= 1"):
+        load_config(None, ["tune.lora_ranks=[0]"])
 
 
 def test_optuna_space_asks_each_mode_only_its_own_knob():

@@ -443,6 +443,9 @@ class SearchConfig:
     """Optional: train.learning_rate values crossed with the preview settings."""
     epochs: list[int] = field(default_factory=list)
     """Optional: train.epochs values crossed with the preview settings."""
+    lora_ranks: list[int] = field(default_factory=list)
+    """Optional: train.lora.r values crossed with the preview settings (trials train LoRA adapters; train.lora's
+    other settings, alpha included, stay as configured)."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """grid: every trial; random: num_samples of them, drawn with seed; optuna: num_samples trials proposed by
     Optuna's TPE sampler (seeded with seed) from the same conditional space (pip install 'lookahead-ray[optuna]')."""
@@ -466,6 +469,8 @@ class SearchConfig:
             raise ConfigError("tune.m needs at least one value >= 0 when tune.modes has real")
         if "virtual" in self.modes and not self.prefixes:
             raise ConfigError("tune.prefixes needs at least one candidate when tune.modes has virtual")
+        if any(r < 1 for r in self.lora_ranks):
+            raise ConfigError(f"tune.lora_ranks must be >= 1, got {self.lora_ranks}")
         if self.num_samples < 1 or self.cpus_per_trial <= 0:
             raise ConfigError("tune.num_samples must be >= 1 and tune.cpus_per_trial > 0")
 

@@ -184,8 +184,11 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     storage.check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
     cfg = LookaheadConfig.from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()), source=str(root / CONFIG_FILE))
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model, tokenizer = _empty_model(cfg, root)  # on the meta device: no weights of its own (7B: no 27 GB copy)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)
+    if cfg.train.lora is not None:
+        model, tokenizer, state = _lora_model(cfg, root)
+    else:
+        model, tokenizer = _empty_model(cfg, root)  # on the meta device: no weights of its own (7B: no 27 GB copy)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)
     expected = set(model.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
@@ -197,7 +200,10 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
         # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
         staging = Path(scratch, "final") if storage.is_uri(final_dir) else storage.staging_path(final_dir)
-        _save_hf(model, state, tokenizer, cfg, str(staging))
+        if cfg.train.lora is not None:
+            _save_lora(model, state, tokenizer, cfg, str(staging), {})
+        else:
+            _save_hf(model, state, tokenizer, cfg, str(staging))
         check: dict[str, Any] = {}
         if (root / EXPORT_CHECK_FILE).is_file():
             check = verify_export(str(staging), str(root / EXPORT_CHECK_FILE), cfg.train.precision,
@@ -207,6 +213,30 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
                 raise ExportMismatchError(f"rebuilt export from {checkpoint_dir} fails the logit check: {check}")
         storage.publish_dir(staging, final_dir, marker=CONFIG_FILE)
     return check
+
+
+def _lora_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """A LoRA run's model rebuilt as training built it (the base from ``model.name_or_path`` or ``model.tiny``, the
+    adapters seeded), and its full state dict with the checkpoint's trained adapters in it."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from lookahead_ray.modeling import build_model, tokenizer_for
+    from lookahead_ray.train.lora import add_adapters
+
+    tokenizer = tokenizer_for(cfg.model)
+    model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch.float32)
+    torch.manual_seed(cfg.train.seed)
+    model = add_adapters(model, cfg.train.lora, cfg.model.name_or_path)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG,
+                                                       exclude_frozen_parameters=True)
+    state = model.state_dict()
+    wanted = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(trained) != wanted:
+        raise ExportMismatchError(f"{root}: the checkpoint's adapters do not match the rebuilt model's (missing "
+                                  f"{sorted(wanted - set(trained))[:5]}, unexpected {sorted(set(trained) - wanted)[:5]})")
+    state.update(trained)
+    return model, tokenizer, state
 
 
 def _empty_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any]:

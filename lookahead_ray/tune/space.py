@@ -31,7 +31,8 @@ def preview_choices(cfg: SearchConfig) -> list[dict[str, Any]]:
 def trials(cfg: SearchConfig) -> list[dict[str, Any]]:
     """Every trial of the grid (``search: grid``), or ``num_samples`` distinct ones drawn with ``seed``."""
     knobs = [[{}] if not values else [{key: v} for v in values]
-             for key, values in (("train.learning_rate", cfg.learning_rates), ("train.epochs", cfg.epochs))]
+             for key, values in (("train.learning_rate", cfg.learning_rates), ("train.epochs", cfg.epochs),
+                                 ("train.lora.r", cfg.lora_ranks))]
     grid = [dict(item for part in combo for item in part.items())
             for combo in itertools.product(preview_choices(cfg), *knobs)]
     if cfg.search == "grid":
@@ -52,12 +53,14 @@ def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
         overrides["train.learning_rate"] = trial.suggest_categorical("learning_rate", list(cfg.learning_rates))
     if cfg.epochs:
         overrides["train.epochs"] = trial.suggest_categorical("epochs", list(cfg.epochs))
+    if cfg.lora_ranks:
+        overrides["train.lora.r"] = trial.suggest_categorical("lora_r", list(cfg.lora_ranks))
     return {"overrides": overrides}
 
 
 def label(overrides: dict[str, Any]) -> str:
     """A short readable name of a trial's overrides, e.g. ``real m=6 lr=2e-05``."""
     short = {"preview.mode": "", "preview.num_answer_tokens": "m=", "preview.virtual_prefix": "P=",
-             "train.learning_rate": "lr=", "train.epochs": "epochs="}
+             "train.learning_rate": "lr=", "train.epochs": "epochs=", "train.lora.r": "r="}
     return " ".join(f"{short.get(k, k + '=')}{v!r}" if isinstance(v, str) and k != "preview.mode"
                     else f"{short.get(k, k + '=')}{v}" for k, v in overrides.items())
