@@ -98,9 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.already_finished:
         print(f"train: run {cfg.train.run_name!r} already finished with these settings; nothing to do")
     keys = ("step", "loss", "tokens_per_second", "export_max_abs_logit_diff")
-    console.summary(["train: " + ", ".join(f"{k}={result.metrics[k]:.4g}" if isinstance(result.metrics.get(k), float)
-                                           else f"{k}={result.metrics.get(k)}" for k in keys),
-                     f"model (Hugging Face): {result.final_dir}", f"checkpoint: {result.checkpoint_dir}"])
+    m = result.metrics
+    lora = ([f"LoRA: {m['trainable_parameters']:,} parameters trained ({100 * m['trainable_share']:.2f}%); the adapter "
+             f"alone: {result.final_dir}/adapter"] if cfg.train.lora is not None and "trainable_share" in m else [])
+    console.summary(["train: " + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}"
+                                           for k in keys),
+                     f"model (Hugging Face): {result.final_dir}", *lora, f"checkpoint: {result.checkpoint_dir}"])
     return 0
 
 

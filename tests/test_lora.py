@@ -57,6 +57,10 @@ def test_merged_state_dict_equals_peft_merge_and_unload_and_the_adapter_count_eq
 def test_lora_settings_are_typed_and_qlora_and_an_unnamed_base_fail_in_one_line(tmp_path, capsys):
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora={}", "train.lora.r=8"])
     assert cfg.train.lora == LoraConfig(r=8)
+    from lookahead_ray.train.run_guard import training_settings
+
+    settings = training_settings(cfg)  # the run's identity: a resume with another rank is refused, naming it
+    assert settings["train.lora"]["r"] == 8 and settings["train.lora"]["alpha"] == 32
     with pytest.raises(ConfigError, match="train.lora: r must be >= 1"):
         load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora.r=0"])
     with pytest.raises(ConfigError, match="train.lora.quantize: 4bit runs under train.zero_stage 2"):
