@@ -298,8 +298,11 @@ def main() -> None:
     if args.smoke:
         args.steps, args.hidden, args.layers, args.micro_batch = 3, 32, 1, 2
         args.rows = args.rows or 64
-    elif args.layouts and args.micro_batch == parser.get_default("micro_batch"):
-        args.micro_batch, args.hidden = 16, 64  # the recipe's micro-batch; a small model keeps CPU runs short
+    elif args.layouts:  # the recipe's micro-batch; a small model keeps CPU runs short (unless asked otherwise)
+        if args.micro_batch == parser.get_default("micro_batch"):
+            args.micro_batch = 16
+        if args.hidden == parser.get_default("hidden"):
+            args.hidden = 64
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
