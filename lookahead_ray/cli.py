@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"train: run {cfg.train.run_name!r} already finished with these settings; nothing to do")
     keys = ("step", "loss", "tokens_per_second", "export_max_abs_logit_diff")
     m = result.metrics
+    adapter = f"{result.final_dir}/adapter" if cfg.train.lora is not None and cfg.train.lora.merge else result.final_dir
     lora = ([f"LoRA: {m['trainable_parameters']:,} parameters trained ({100 * m['trainable_share']:.2f}%); the adapter "
-             f"alone: {result.final_dir}/adapter"] if cfg.train.lora is not None and "trainable_share" in m else [])
+             f"alone: {adapter}"] if cfg.train.lora is not None and "trainable_share" in m else [])
     console.summary(["train: " + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}"
                                            for k in keys),
                      f"model (Hugging Face): {result.final_dir}", *lora, f"checkpoint: {result.checkpoint_dir}"])
@@ -175,6 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lookahead_ray.demo.run import demo_summary, run_demo, run_demo_seeds
 
+    if args.search and args.lora:
+        raise ConfigError("demo: --lora applies without --search; a search trains LoRA adapters with "
+                          "tune.lora_ranks=[...]")
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
 

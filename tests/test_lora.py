@@ -54,6 +54,27 @@ def test_merged_state_dict_equals_peft_merge_and_unload_and_the_adapter_count_eq
         torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6)
 
 
+def test_merging_into_transposed_conv1d_weights_equals_peft():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lookahead_ray.train.lora import add_adapters, merged_state_dict
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+    model = add_adapters(base, lora, base_name_or_path=None)  # gpt2's default targets are Conv1D (fan_in_fan_out)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    merged = merged_state_dict(dict(model.state_dict()), lora, model.peft_config["default"].fan_in_fan_out)
+    reference = model.merge_and_unload().state_dict()
+    assert set(merged) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6)
+
+
 def test_lora_settings_are_typed_and_qlora_and_an_unnamed_base_fail_in_one_line(tmp_path, capsys):
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora={}", "train.lora.r=8"])
     assert cfg.train.lora == LoraConfig(r=8)
@@ -64,7 +85,10 @@ def test_lora_settings_are_typed_and_qlora_and_an_unnamed_base_fail_in_one_line(
     with pytest.raises(ConfigError, match="train.lora: r must be >= 1"):
         load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora.r=0"])
     with pytest.raises(ConfigError, match="train.lora.quantize: 4bit runs under train.zero_stage 2"):
-        load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora.quantize=4bit", "train.zero_stage=3"])
+        load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora.quantize=4bit", "train.lora.merge=false",
+                                                         "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="4bit exports the adapter alone .* set train.lora.merge=false"):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", ["train.lora.quantize=4bit"])
 
     from lookahead_ray.train.plan import plan_training
 
@@ -74,7 +98,7 @@ def test_lora_settings_are_typed_and_qlora_and_an_unnamed_base_fail_in_one_line(
     for argv in (["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run"],
                  ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--local",
                   "--output-dir", str(tmp_path / "q")]):
-        assert main(argv + ["train.lora.quantize=4bit"]) == 2
+        assert main(argv + ["train.lora.quantize=4bit", "train.lora.merge=false"]) == 2
         captured = capsys.readouterr()
         assert "train.lora.quantize: 4bit (QLoRA) runs on CUDA GPUs only" in captured.out + captured.err
         assert "Traceback" not in captured.err

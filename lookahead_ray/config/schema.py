@@ -182,13 +182,16 @@ class LoraConfig:
     """Also export the base with the adapter merged into it (final/, loadable by plain transformers); the adapter
     itself is in final/adapter/. false: final/ is the adapter alone."""
     quantize: Literal["4bit"] | None = None
-    """QLoRA: the frozen base in bitsandbytes NF4 (CUDA GPUs, ZeRO-2, model.name_or_path; ``pip install
+    """QLoRA: the frozen base in bitsandbytes NF4 (CUDA GPUs, ZeRO-2, model.name_or_path, merge: false; ``pip install
     'lookahead-ray[qlora]'``)."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"train.lora: r must be >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
                               f"alpha={self.alpha}, dropout={self.dropout})")
+        if self.quantize and self.merge:
+            raise ConfigError("train.lora.quantize: 4bit exports the adapter alone (its base is 4-bit, nothing to merge "
+                              "into): set train.lora.merge=false")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("train.lora.target_modules is empty: name the modules, or leave it unset for the default")
 

@@ -51,15 +51,19 @@ class ModelShape:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embeddings + h
 
-    def lora_parameters(self, r: int, targets: list[str] | None = None) -> int:
-        """Adapter parameters of rank ``r`` on ``targets`` (Llama projection names; default: all seven), r x (in +
-        out) each."""
+    def lora_parameters(self, r: int, targets: list[str] | None = None, modules_to_save: list[str] | None = None) -> int:
+        """Parameters LoRA trains: adapters of rank ``r`` on ``targets`` (Llama projection names, r x (in + out) each;
+        default and names of other families: all seven, an estimate) plus ``modules_to_save`` trained in full
+        (embed_tokens, lm_head)."""
         h, i = self.hidden_size, self.intermediate_size
         kv = h // self.num_attention_heads * self.num_key_value_heads
         sizes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
                  "up_proj": (h, i), "down_proj": (i, h)}
-        chosen = [name for name in (targets or sizes) if name in sizes] or list(sizes)
-        return self.num_hidden_layers * sum(r * sum(sizes[name]) for name in chosen)
+        known = [name for name in (targets or sizes) if name in sizes]
+        chosen = known if targets and len(known) == len(targets) else list(sizes)
+        full = {"embed_tokens": self.vocab_size * h, "lm_head": self.vocab_size * h}
+        return (self.num_hidden_layers * sum(r * sum(sizes[name]) for name in chosen)
+                + sum(full.get(name, 0) for name in modules_to_save or []))
 
 
 @dataclass
@@ -100,7 +104,7 @@ def estimate(shape: ModelShape, train: TrainConfig, seq_len: int, workers_per_no
     lora = train.lora
     # LoRA: only the adapters have gradients and Adam states; a QLoRA base is NF4 with double quantization (~0.53
     # bytes a parameter), not sharded by ZeRO-2.
-    trained = shape.lora_parameters(lora.r, lora.target_modules) if lora else p
+    trained = shape.lora_parameters(lora.r, lora.target_modules, lora.modules_to_save) if lora else p
     base_bytes = 0.53 if lora and lora.quantize else weight_bytes
     # bf16: DeepSpeed turns the rank's gradient partition into an fp32 copy for the optimizer step (+4 bytes a
     # parameter; measured on one H200: 112.7 GB peak for 5.1 B parameters, benchmarks/gpu_check.sh).

@@ -89,7 +89,7 @@ def _save_hf(module: Any, state: dict[str, Any] | None, tokenizer: Any, cfg: Loo
 def _save_lora(module: Any, state: dict[str, Any], tokenizer: Any, cfg: LookaheadConfig, hf_dir: str,
                metrics: dict[str, Any]) -> None:
     """A LoRA run's export: the adapter (hf/adapter/, or hf/ itself without ``merge``) and the merged model."""
-    from lookahead_ray.train.lora import ADAPTER_SUBDIR, adapter_state_dict, merged_state_dict
+    from lookahead_ray.train.lora import ADAPTER_NAME, ADAPTER_SUBDIR, adapter_state_dict, merged_state_dict
 
     lora = cfg.train.lora
     adapter_dir = os.path.join(hf_dir, ADAPTER_SUBDIR) if lora.merge else hf_dir
@@ -100,7 +100,7 @@ def _save_lora(module: Any, state: dict[str, Any], tokenizer: Any, cfg: Lookahea
     with open(os.path.join(adapter_dir, CONFIG_FILE), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     if lora.merge:
-        merged = merged_state_dict(state, lora)
+        merged = merged_state_dict(state, lora, module.peft_config[ADAPTER_NAME].fan_in_fan_out)
         metrics["exported_parameters"] = sum(v.numel() for v in merged.values())
         # The base model's save_pretrained writes its config and exactly the weights given: the merged ones.
         _save_hf(module.get_base_model(), merged, tokenizer, cfg, hf_dir)
@@ -221,11 +221,12 @@ def _lora_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any, dict[str, A
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lookahead_ray.modeling import build_model, tokenizer_for
+    from lookahead_ray.modeling import build_model, tokenizer_for, torch_dtype
     from lookahead_ray.train.lora import add_adapters
 
     tokenizer = tokenizer_for(cfg.model)
-    model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch.float32)
+    # The base in the run's precision, as training loaded it (host memory: the whole base, unlike a full run's rebuild)
+    model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch_dtype(cfg.train.precision))
     torch.manual_seed(cfg.train.seed)
     model = add_adapters(model, cfg.train.lora, cfg.model.name_or_path)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG,

@@ -64,9 +64,10 @@ def parameter_counts(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def merged_state_dict(state: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
+def merged_state_dict(state: dict[str, Any], lora: LoraConfig, fan_in_fan_out: bool = False) -> dict[str, Any]:
     """The base model's state dict with every adapter merged in (W + alpha / r * B @ A, in fp32, then cast back to
-    W's dtype), from a peft model's full state dict; names as the base model's own. Pure: tensors in, tensors out.
+    W's dtype), from a peft model's full state dict; names as the base model's own. ``fan_in_fan_out``: the base
+    stores its weights transposed (GPT-2's Conv1D; peft's config says so). Pure: tensors in, tensors out.
     """
 
     scale = lora.alpha / lora.r
@@ -80,7 +81,7 @@ def merged_state_dict(state: dict[str, Any], lora: LoraConfig) -> dict[str, Any]
             layer = key.removesuffix(".base_layer.weight")
             a, b = state[f"{layer}.lora_A.{ADAPTER_NAME}.weight"], state[f"{layer}.lora_B.{ADAPTER_NAME}.weight"]
             delta = (b.float() @ a.float()) * scale
-            value = (value.float() + delta.reshape(value.shape)).to(value.dtype)
+            value = (value.float() + (delta.T if fan_in_fan_out else delta)).to(value.dtype)
         name = name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
         merged[name] = value
     return merged
@@ -97,33 +98,44 @@ def check_adapters(train: TrainConfig, model_name_or_path: str | None, on_gpu_he
     """What ``train.lora`` needs, in one line each: a base an adapter-only export can name; for QLoRA CUDA GPUs, a
     checkpoint to quantize and a bitsandbytes that can run.
 
-    ``on_gpu_here`` None: do not check this machine's CUDA (the planner on a CPU-only head of a GPU cluster).
+    ``on_gpu_here`` None: the planner (perhaps a CPU-only head of a GPU cluster): neither this machine's CUDA nor its
+    bitsandbytes is checked.
 
     Raises:
         ConfigError: what is missing and what to do.
     """
     if train.lora is None:
         return
+    if train.lora.quantize:
+        if not train.use_gpu:
+            raise ConfigError("train.lora.quantize: 4bit (QLoRA) runs on CUDA GPUs only (bitsandbytes' NF4 kernels); "
+                              "set train.use_gpu=true on a GPU cluster, or train.lora.quantize=null to train LoRA on a "
+                              "bf16/fp32 base")
+        if model_name_or_path is None:
+            raise ConfigError("train.lora.quantize: 4bit quantizes a checkpoint while loading it: set "
+                              "model.name_or_path (a model built from model.tiny cannot be quantized)")
     if not train.lora.merge and model_name_or_path is None:
         raise ConfigError("train.lora.merge: false exports the adapter alone, which must name its base model: set "
                           "model.name_or_path (a model built from model.tiny has no directory to name), or merge: true")
     if not train.lora.quantize:
         return
-    if not train.use_gpu:
-        raise ConfigError("train.lora.quantize: 4bit (QLoRA) runs on CUDA GPUs only (bitsandbytes' NF4 kernels); "
-                          "set train.use_gpu=true on a GPU cluster, or train.lora.quantize=null to train LoRA on a "
-                          "bf16/fp32 base")
-    if model_name_or_path is None:
-        raise ConfigError("train.lora.quantize: 4bit quantizes a checkpoint while loading it: set model.name_or_path "
-                          "(a model built from model.tiny cannot be quantized)")
+    if on_gpu_here is None:  # the planner (perhaps a CPU-only head): bitsandbytes is the workers' concern
+        return
+    problem = bitsandbytes_problem()
+    if problem:
+        raise ConfigError(f"train.lora.quantize: 4bit needs bitsandbytes, which cannot be imported on "
+                          f"{socket.gethostname()} ({problem}); pip install 'lookahead-ray[qlora]' on the GPU nodes")
+    if on_gpu_here is False:
+        raise ConfigError(f"train.lora.quantize: 4bit needs a CUDA GPU, and none is visible on {socket.gethostname()}")
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot be imported here, or None."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or its CUDA setup failing at import
-        raise ConfigError(f"train.lora.quantize: 4bit needs bitsandbytes, which cannot be imported on "
-                          f"{socket.gethostname()} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
-                          " pip install 'lookahead-ray[qlora]' on the GPU nodes") from None
-    if on_gpu_here is False:
-        raise ConfigError(f"train.lora.quantize: 4bit needs a CUDA GPU, and none is visible on {socket.gethostname()}")
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def load_quantized(name_or_path: str, dtype: Any, trust_remote_code: bool) -> Any:

@@ -94,9 +94,14 @@ def _kernels(plan: TrainPlan) -> None:
 
 
 def _adapters(plan: TrainPlan) -> None:
-    from lookahead_ray.train.lora import check_adapters
+    from lookahead_ray.train.lora import bitsandbytes_problem, check_adapters
 
-    check_adapters(plan.cfg.train, plan.cfg.model.name_or_path)
+    train = plan.cfg.train
+    check_adapters(train, plan.cfg.model.name_or_path)
+    problem = bitsandbytes_problem() if train.lora is not None and train.lora.quantize else None
+    if problem:  # this machine may be a CPU-only head; the GPU workers fail in one line if they lack it too
+        plan.warnings.append(f"train.lora.quantize: bitsandbytes cannot be imported here ({problem}); the GPU "
+                             "workers need it: pip install 'lookahead-ray[qlora]'")
 
 
 def plan_training(cfg: LookaheadConfig, tokenizer_vocab: int | None = None) -> TrainPlan:
