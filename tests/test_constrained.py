@@ -234,12 +234,24 @@ def test_the_reference_is_the_frozen_seed_under_each_zero_stage_and_lora(tmp_pat
         loss = objective(engine, batch)
         engine.backward(loss)
         engine.step()
+    if stage == 3:  # the reference's forward keeps the policy's ZeRO-3 prefetch trace (recorded once) valid
+        assert engine.optimizer.parameter_offload.get_param_coordinator().is_complete_trace()
     reference = objective.reference_logps(engine, inputs, batch["labels"])
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         policy = token_logps(engine(**inputs).logits, batch["labels"])
     assert (policy - expected).abs().max().item() > 1e-2  # the policy trained; the reference did not
     assert engine.module.training  # the reference's forward (eval mode) left the policy training
+
+
+def test_the_dry_run_builds_the_reference_engine_and_counts_its_weights(capsys):
+    from lookahead_ray.cli import main
+
+    recipe = str(REPO / "configs" / "llama2_7b_gsm8k_constrained_sft.yaml")
+    assert main(["train", "--config", recipe, "--dry-run", "train.zero_stage=3"]) == 0
+    out = capsys.readouterr().out
+    assert "constrained SFT against a frozen reference engine (ZeRO-3)" in out
+    assert "reference weights 3.4 GB" in out and "GPU memory per device 46.2 GB" in out  # 13.5 GB over 4 workers
 
 
 @pytest.mark.slow

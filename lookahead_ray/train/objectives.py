@@ -53,7 +53,11 @@ class ConstrainedObjective:
             module.train(False)  # no dropout, no gradient checkpointing for a forward without backward
             try:
                 with module.disable_adapter():
-                    return token_logps(engine(**inputs).logits, labels)
+                    # The base model itself, not the engine: under ZeRO-3 a forward of the engine's root module
+                    # starts a new step of DeepSpeed's prefetch trace, and one step of other modules (the adapters
+                    # off) before each of the policy would invalidate it every time. This way every step is the
+                    # same (reference forward, policy forward, backward) and the trace, recorded once, holds.
+                    return token_logps(module.get_base_model()(**inputs).logits, labels)
             finally:
                 module.train(training)
 

@@ -193,7 +193,8 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
 
     from lookahead_ray.modeling import torch_dtype
     from lookahead_ray.train.deepspeed_config import build_deepspeed_config
-    from lookahead_ray.train.loop import init_device, initialize_engine, load_training_model
+    from lookahead_ray.train.loop import build_objective, init_device, initialize_engine, load_training_model
+    from lookahead_ray.train.objectives import SFTObjective
 
     train = cfg.train
     on_gpu, device = init_device(train.use_gpu, world_size=1)
@@ -207,12 +208,14 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
         model = load_training_model(stand_in, tokenizer, ds_config)
         engine = initialize_engine(model, train, ds_config, total_steps=max(steps, train.max_steps or 100),
                                    on_gpu=on_gpu)
+        # Constrained SFT's frozen reference engine, loaded as the run loads it (the stand-in has no LoRA adapters).
+        objective = build_objective(stand_in, tokenizer, ds_config, on_gpu) if train.lora is None else SFTObjective()
     vocab = engine.module.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     losses, lrs = [], []
     for _ in range(steps * train.gradient_accumulation_steps):
         ids = torch.randint(0, vocab, (train.micro_batch_size, SYNTHETIC_SEQ_LEN), generator=generator).to(device)
-        loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss = objective(engine, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
         engine.backward(loss)
         lrs.append(float(engine.get_lr()[0]))
         engine.step()
@@ -221,8 +224,11 @@ def _engine(cfg: LookaheadConfig, tokenizer: Any) -> tuple[str, str]:
         return FAIL, f"losses {losses}, learning rates {lrs}"
     optimizer = type(engine.optimizer).__name__
     dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
+    reference = getattr(objective, "reference", None)
+    constrained = "" if reference is None else (", constrained SFT against a frozen reference engine (" + (
+        "ZeRO-3" if reference.zero_optimization_stage() == 3 else "whole on every rank") + ")")
     return OK, (f"ZeRO-{train.zero_stage} {dtype}, {optimizer}, {train.lr_schedule} schedule, {steps} steps of "
-                f"{train.gradient_accumulation_steps} micro-batch(es) of {train.micro_batch_size}; loss "
+                f"{train.gradient_accumulation_steps} micro-batch(es) of {train.micro_batch_size}{constrained}; loss "
                 f"{losses[0]:.3f} -> {losses[-1]:.3f}, lr {lrs[0]:.3g} -> {lrs[-1]:.3g}")
 
 
