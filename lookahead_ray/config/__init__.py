@@ -13,6 +13,7 @@ from lookahead_ray.config.schema import (
     PreviewConfig,
     PromptSetConfig,
     RecordConfig,
+    SafetyMixConfig,
     SearchConfig,
     TinyModelConfig,
     TokenizationConfig,
@@ -21,5 +22,5 @@ from lookahead_ray.config.schema import (
 from lookahead_ray.errors import ConfigError
 
 __all__ = ["ConfigError", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig", "LookaheadConfig", "LoraConfig",
-           "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig", "RecordConfig", "SearchConfig",
+           "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig", "RecordConfig", "SafetyMixConfig", "SearchConfig",
            "TinyModelConfig", "TokenizationConfig", "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]

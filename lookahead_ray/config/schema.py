@@ -31,10 +31,23 @@ class PreviewConfig:
     exact_span: bool = False
     """Real mode only: preview the original answer text covering the first m tokens (via offsets) instead of
     detokenising them. Avoids detokenisation artefacts; off by default to match the reference output."""
+    mix_plain_share: float = 0.0
+    """Mixed preview (beyond the paper): this share of the examples, drawn per row from mix_seed, keeps the plain
+    prompt, so the model also learns to open its answers without a preview (the test-time condition)."""
+    mix_seed: int = 0
+    adaptive_nll_threshold: float | None = None
+    """Adaptive m (real mode, beyond the paper): per example, preview only the first k <= m answer tokens such that
+    the seed model's NLL (nats, summed) of the opening's remaining tokens k..m-1 is at most this; k = 0 keeps the
+    plain prompt. The seed is model.name_or_path, run by the prepare step (one forward per example)."""
 
     def __post_init__(self) -> None:
         if self.num_answer_tokens < 0:
             raise ConfigError(f"preview.num_answer_tokens must be >= 0, got {self.num_answer_tokens}")
+        if not 0 <= self.mix_plain_share <= 1:
+            raise ConfigError(f"preview.mix_plain_share must be in [0, 1], got {self.mix_plain_share}")
+        if self.adaptive_nll_threshold is not None and (self.mode != "real" or self.adaptive_nll_threshold < 0):
+            raise ConfigError("preview.adaptive_nll_threshold needs preview.mode real and a value >= 0 (nats), got "
+                              f"mode {self.mode} and {self.adaptive_nll_threshold}")
 
 
 @dataclass
@@ -74,6 +87,27 @@ class TokenizationConfig:
 
 
 @dataclass
+class SafetyMixConfig:
+    """Safety-data mixing (Safety-Tuned LLaMAs, Bianchi et al. 2024; SafeInstr): refusal demonstrations mixed into the
+    fine-tuning data by the prepare step. They are never previewed: the model should learn to refuse without a hint."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Files of safety demonstrations (harmful request -> refusal), in any data.input_format."""
+    share: float = 0.1
+    """Share of the training rows that are safety demonstrations: round(share / (1 - share) x task rows written) of
+    them, drawn without repeats (fewer when the files hold fewer; the report says how many)."""
+    seed: int = 0
+    records: RecordConfig | None = None
+    """Where the safety files' instruction and answer are; default: the `records` section."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("data.safety_mix.inputs is empty: name the file(s) of safety demonstrations")
+        if not 0 < self.share < 1:
+            raise ConfigError(f"data.safety_mix.share must be in (0, 1), got {self.share}")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from, where prepared shards go, and how bad rows are handled."""
 
@@ -98,9 +132,11 @@ class DataConfig:
     cpus_per_actor: float = 0.5
     """Fractional so read tasks still get a CPU: an actor pool holding every CPU starves the reads and hangs."""
     rows_per_shard: int = 100_000
+    """Target rows per output Parquet shard."""
     read_split_bytes: int = 64 * 2**20
     """A JSONL input larger than this is read by several tasks, in line-aligned byte ranges of about this size."""
-    """Target rows per output Parquet shard."""
+    safety_mix: SafetyMixConfig | None = None
+    """Mix safety demonstrations into the training data (see SafetyMixConfig)."""
 
     def __post_init__(self) -> None:
         for name in ("max_row_bytes", "batch_size", "num_actors", "rows_per_shard", "read_split_bytes"):
