@@ -151,7 +151,7 @@ def one_engine(args: argparse.Namespace, out: Path, lora: bool) -> dict:
     store = TokenStore(_tokens_locally(cfg, str(out)))
     started = time.perf_counter()
     with torch.device("cuda" if args.gpu else "cpu"):  # a 7B-shaped model initialised on the GPU: seconds, not minutes
-        engine, tokenizer, device = setup_engine(cfg, 1, 10**6)
+        engine, tokenizer, device, _ = setup_engine(cfg, 1, 10**6)
     trainable, total = parameter_counts(engine.module)
     result: dict = {"setup_seconds": time.perf_counter() - started, "parameters": total,
                     "trainable_parameters": trainable, "layouts": {}}

@@ -233,6 +233,32 @@ class LoraConfig:
 
 
 @dataclass
+class ConstrainedSFTConfig:
+    """Constrained SFT (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"): each
+    answer token's cross-entropy is weighted by how far the policy already moved from the frozen seed model on it,
+    w_t = max(2 (1 - sigmoid(beta_t (log p_policy - log p_seed))), min_weight), so the first answer tokens, where
+    alignment lives, move least. Defaults: the authors' ConstrainedSFTTrainer."""
+
+    beta: float = 0.1
+    """beta_t beyond the first bias_length answer tokens; 0 is plain SFT (every weight 1)."""
+    bias_factor: float = 20.0
+    """Answer tokens 1 .. bias_length-1 get beta x bias_factor (a tighter constraint)."""
+    first_token_bias_factor: float = 5.0
+    """The first answer token gets beta x first_token_bias_factor (its loss starts high and would saturate)."""
+    bias_length: int = 5
+    """Answer tokens under the stronger constraint (0: beta everywhere)."""
+    min_weight: float = 1e-3
+    """Floor of a token's weight, so no answer token stops training entirely."""
+
+    def __post_init__(self) -> None:
+        if min(self.beta, self.bias_factor, self.first_token_bias_factor, self.bias_length, self.min_weight) < 0:
+            raise ConfigError(f"train.constrained: beta, bias_factor, first_token_bias_factor, bias_length and "
+                              f"min_weight must be >= 0 (got beta={self.beta}, bias_factor={self.bias_factor}, "
+                              f"first_token_bias_factor={self.first_token_bias_factor}, bias_length={self.bias_length}, "
+                              f"min_weight={self.min_weight})")
+
+
+@dataclass
 class TrainConfig:
     """Ray Train + DeepSpeed ZeRO fine-tuning. Batch sizes are explicit: global = micro x accumulation x workers."""
 
@@ -274,6 +300,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     """Train LoRA adapters on a frozen base instead of every weight (see LoraConfig); part of the run's identity."""
+    constrained: ConstrainedSFTConfig | None = None
+    """Train with Constrained SFT against the frozen seed model (see ConstrainedSFTConfig; ``train.constrained={}``
+    takes the paper's defaults) instead of plain cross-entropy; part of the run's identity."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer states to CPU memory."""
     offload_params: bool = False

@@ -112,6 +112,8 @@ def estimate(shape: ModelShape, train: TrainConfig, seq_len: int, workers_per_no
     gpu = {"weights": 0.0 if train.offload_params else (base_bytes * p + weight_bytes * (trained if lora else 0)) / sharded,
            "gradients": gradient_bytes * trained / world,
            "optimizer": 0.0 if train.offload_optimizer else ADAM_BYTES * trained / world}
+    if train.constrained is not None and not lora:  # Constrained SFT's frozen seed (LoRA: the base, adapters off)
+        gpu["reference weights"] = 0.0 if train.offload_params else weight_bytes * p / sharded
     b, s, h, layers = train.micro_batch_size, seq_len, shape.hidden_size, shape.num_hidden_layers
     per_layer = 34 * s * b * h + 5 * shape.num_attention_heads * s * s * b
     gpu["activations"] = (layers * 2 * s * b * h + per_layer) if train.gradient_checkpointing else layers * per_layer

@@ -27,6 +27,7 @@ from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_mult
 from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
 from lookahead_ray.train.lora import add_adapters, check_adapters, load_quantized, parameter_counts
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
+from lookahead_ray.train.objectives import ConstrainedObjective, SFTObjective, reference_deepspeed_config
 from lookahead_ray.train.worker_io import WorkerIO
 from lookahead_ray.train.zero3_loading import load_zero3_model
 
@@ -48,7 +49,7 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
     entered = time.perf_counter()
     cfg = LookaheadConfig.from_dict(loop_config["config"])
     total_steps = int(loop_config["total_steps"])
-    engine, tokenizer, device = setup_engine(cfg, io.world_size, total_steps)
+    engine, tokenizer, device, objective = setup_engine(cfg, io.world_size, total_steps)
     position = _resume(engine, io, adapters_only=cfg.train.lora is not None)
     meter = StepMeter(cfg.train.gradient_accumulation_steps, io.world_size, device,
                       setup_seconds=time.perf_counter() - entered,
@@ -58,13 +59,15 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
         else None
     try:  # close TensorBoard / MLflow even when training or the export fails
         store = TokenStore(loop_config["tokens"])
-        probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers)
+        probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers,
+                     objective)
         if probe is None:  # resumed at the very end (e.g. after a failed export check): still check the export
             first = epoch_batches(len(store), 0, cfg.train.seed, io.world_rank, io.world_size, cfg.train.micro_batch_size)
             probe = {k: v[:2] for k, v in collate(store.batch(first[0]), tokenizer.pad_token_id, device).items()}
         with io.new_checkpoint() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
             final = {**meter.last, "step": position.step, "epoch": position.epoch, "final": True,
+                     "objective": objective.name,
                      "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
                      "checkpoints_written_in_place": io.writes_in_place,
                      "trainable_parameters": trainable, "trainable_share": trainable / total,
@@ -99,8 +102,9 @@ def _verify_on_rank0(directory: str, cfg: LookaheadConfig, rank: int, device: An
     return verdict[0]
 
 
-def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tuple[Any, Any, Any]:
-    """The tokenizer, the model (loaded or built) and its DeepSpeed engine on this worker's device."""
+def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tuple[Any, Any, Any, Any]:
+    """The model's DeepSpeed engine (the model loaded or built), the tokenizer, this worker's device and the
+    training objective (with Constrained SFT's frozen reference, see :func:`build_objective`)."""
     train = cfg.train
     on_gpu, device = init_device(train.use_gpu, world_size)
     if train.use_gpu and not on_gpu:  # training a 7B model on this node's CPU instead would "work" for days
@@ -121,7 +125,29 @@ def setup_engine(cfg: LookaheadConfig, world_size: int, total_steps: int) -> tup
     logger.info("training %s of %s parameters (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                 " : LoRA adapters" if train.lora is not None else "")
     engine = initialize_engine(model, cfg.train, ds_config, total_steps, on_gpu)
-    return engine, tokenizer, device
+    return engine, tokenizer, device, build_objective(cfg, tokenizer, ds_config, on_gpu)
+
+
+def build_objective(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any], on_gpu: bool) -> Any:
+    """Plain SFT, or Constrained SFT (``train.constrained``) against the frozen seed: under LoRA the policy with its
+    adapters disabled (no second model), else the seed loaded as the policy was (``model.name_or_path``, partitioned
+    while loading under ZeRO-3, or ``model.tiny`` built with ``train.seed``: the policy's initial weights) in a
+    DeepSpeed engine without optimizer: ZeRO-3 when training uses it, stage 0 (whole on every rank) under ZeRO-2."""
+    train = cfg.train
+    if train.constrained is None:
+        return SFTObjective()
+    if train.lora is not None:
+        return ConstrainedObjective(train.constrained)
+    import deepspeed
+
+    ref_config = reference_deepspeed_config(ds_config, train.zero_stage)
+    reference = load_training_model(cfg, tokenizer, ref_config, on_gpu)
+    reference.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=reference, config=ref_config)
+    engine.eval()
+    logger.info("Constrained SFT: the frozen reference is a ZeRO-%d engine of the seed model",
+                ref_config["zero_optimization"]["stage"])
+    return ConstrainedObjective(train.constrained, engine)
 
 
 def load_training_model(cfg: LookaheadConfig, tokenizer: Any, ds_config: dict[str, Any], on_gpu: bool = False) -> Any:
@@ -258,9 +284,12 @@ def _resume(engine: Any, io: WorkerIO, adapters_only: bool) -> Position:
 
 
 def _fit(engine: Any, store: TokenStore, pad_token_id: int, device: Any, cfg: LookaheadConfig, io: WorkerIO,
-         total_steps: int, position: Position, meter: StepMeter, writers: MetricWriters | None) -> dict | None:
-    """Epochs of forward / backward / step until ``total_steps``, from ``position`` (updated in place);
-    returns the probe batch (two rows of the first batch, padded) the export check compares logits on."""
+         total_steps: int, position: Position, meter: StepMeter, writers: MetricWriters | None,
+         objective: Any = None) -> dict | None:
+    """Epochs of forward / backward / step until ``total_steps``, from ``position`` (updated in place), minimising
+    ``objective(engine, batch)`` (default: plain SFT); returns the probe batch (two rows of the first batch, padded)
+    the export check compares logits on."""
+    objective = objective or SFTObjective()
     train = cfg.train
     capacity = cfg.tokenization.max_seq_len if train.packing else None
     lengths = store.lengths() if train.packing or train.group_by_length else None
@@ -282,7 +311,7 @@ def _fit(engine: Any, store: TokenStore, pad_token_id: int, device: Any, cfg: Lo
             if probe is None:
                 probe = {k: v[:2].clone() for k, v in collate({k: v[:2] for k, v in rows.items()}, pad_token_id,
                                                               device).items()}
-            loss = engine(**batch).loss
+            loss = objective(engine, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
             position.batch_in_epoch += 1

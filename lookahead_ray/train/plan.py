@@ -82,6 +82,9 @@ class TrainPlan:
 
 def _kernels(plan: TrainPlan) -> None:
     model, train = plan.cfg.model, plan.cfg.train
+    if model.liger_kernel and train.constrained is not None:
+        raise ConfigError("model.liger_kernel and train.constrained: Liger's fused cross-entropy never materialises the "
+                          "logits Constrained SFT weighs token by token; set model.liger_kernel=false")
     if model.attn_implementation == "flash_attention_2" and not train.use_gpu:
         raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; set train.use_gpu=true "
                           "or use sdpa (with train.packing it still keeps examples apart)")
