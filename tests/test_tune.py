@@ -137,6 +137,8 @@ def test_search_outputs_report_the_interval_and_who_is_within_noise(tmp_path):
     alone = [_trial("steady", (65, 100)), _trial("poor", (10, 100))]
     write_results(tmp_path, cfg, alone, _counted((18, 20), (18, 20), (3, 10)))
     assert "No other trial is within noise of the best" in (tmp_path / "trials.md").read_text()
+    write_results(tmp_path, cfg, alone, _metrics(0.9, 0.9, 0.3))  # a seed measured before intervals: its value alone
+    assert "| - | seed model | - | 90.0 | 30.0 |" in (tmp_path / "trials.md").read_text()
     assert "within_noise_of_best: []\n" in (tmp_path / "best.yaml").read_text()
     with pytest.raises(ConfigError, match="rank_by"):
         load_config(None, ["tune.objective.rank_by=median"])

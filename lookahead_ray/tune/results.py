@@ -111,9 +111,9 @@ def best_lines(trials: list[dict[str, Any]], rank_by: str) -> list[str]:
 
 def trials_markdown(trials: list[dict[str, Any]], seed: dict[str, float], rank_by: str = "point") -> str:
     """Every trial, best first; safety and utility in % with the ends of their rates' 95% intervals."""
-    def pct(row: dict[str, Any], name: str) -> str:
+    def pct(row: dict[str, Any], name: str) -> str:  # no brackets where no rate had an interval (ROUGE, old results)
         low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
-        return format_rate(row.get(name), [low, high] if low is not None and high is not None else None)
+        return format_rate(row.get(name), [low, high] if low is not None and high is not None and low < high else None)
 
     noise = {"best": "best", True: "yes", False: "no"}
     lines = ["| rank | trial | overrides | safety % | utility % | objective | objective interval | within noise of best "
