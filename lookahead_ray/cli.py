@@ -148,6 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from lookahead_ray.tune.results import best_lines
     from lookahead_ray.tune.search import run_search
 
     overrides = list(args.overrides) + ([f"tune.output_dir={args.output_dir}"] if args.output_dir else [])
@@ -155,8 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     done = [t for t in result.trials if t.get("objective") is not None]
     console.summary([f"tune: {len(done)} of {len(result.trials)} trials finished; trials.md, trials.csv, pareto.png"
                      + (" and best.yaml" if result.best_config else "") + f" in {result.search_dir}"]
-                    + ([f"tune: best trial {done[0]['trial_id']} ({done[0]['label']}), objective "
-                        f"{done[0]['objective']:.4f}"] if done else []))
+                    + [f"tune: {line}" for line in best_lines(result.trials, result.rank_by)])
     return 0 if done else 2
 
 
@@ -181,12 +181,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "tune.lora_ranks=[...]")
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
+        from lookahead_ray.tune.results import best_lines
 
         result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides,
                                  world=args.world)
         done = [t for t in result.trials if t.get("objective") is not None]
         console.summary([f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and "
-                         f"pareto.png in {result.search_dir}"])
+                         f"pareto.png in {result.search_dir}"] + [f"demo --search: {line}" for line in best_lines(
+                             result.trials, result.rank_by)])
         return 0 if done else 2
     from lookahead_ray.config import parse_overrides
 

@@ -471,6 +471,9 @@ class ObjectiveConfig:
     """constrained: how far below the seed model's safety a trial may fall."""
     utility_weight: float = 1.0
     safety_weight: float = 1.0
+    rank_by: Literal["point", "lower_bound"] = "point"
+    """point: trials rank by their objective; lower_bound: by the objective with every rate at the lower end of
+    its 95% Wilson interval, so a trial scored on few prompts (a wide interval) does not win on one lucky answer."""
 
     def __post_init__(self) -> None:
         if not self.safety or any(w < 0 for w in self.safety.values()) or sum(self.safety.values()) <= 0:
