@@ -179,6 +179,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.search and args.lora:
         raise ConfigError("demo: --lora applies without --search; a search trains LoRA adapters with "
                           "tune.lora_ranks=[...]")
+    if args.search and args.methods:
+        raise ConfigError("demo: --methods applies without --search; a search compares methods with "
+                          "tune.methods=[...]")
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
         from lookahead_ray.tune.results import best_lines
@@ -198,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "world.hint_records=0); other keys configure the search: add --search")
     world_overrides = {key.removeprefix("world."): value for key, value in overrides.items()}
     options = {"quick": args.quick, "m": args.m, "virtual_prefix": args.P, "world": args.world,
-               "world_overrides": world_overrides, "lora": args.lora}
+               "world_overrides": world_overrides, "lora": args.lora, "methods": _method_list(args.methods)}
     if args.seeds:
         seeds = _seed_list(args.seeds)
         summary = run_demo_seeds(args.output_dir, seeds, **options)
@@ -208,6 +211,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(args.output_dir, seed=args.seed, **options)
     console.summary(demo_summary(results, Path(args.output_dir).resolve()))
     return 0
+
+
+def _method_list(text: str | None) -> list[str] | None:
+    """--methods: "all", or comma-separated method names (``lookahead_ray.methods``, combined with '+')."""
+    from lookahead_ray.methods import METHODS, method_parts
+
+    if not text:
+        return None
+    names = list(METHODS) if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        method_parts(name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"demo --methods: {text!r} names a method twice")
+    return names
 
 
 def _seed_list(text: str) -> list[int]:
@@ -362,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
     demo.add_argument("--lora", action="store_true", help="the three variants train LoRA adapters on the seed model")
     demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
+    demo.add_argument("--methods", help="the fine-tunes compared: 'all' or names such as vanilla,real,constrained_sft,"
+                      "safety_mix,ptst,mixed_preview,adaptive_preview (default vanilla,real,virtual; combine with +)")
     demo.add_argument("--search", action="store_true",
                       help="instead: `tune` over m and P on the world's validation split (OUTPUT_DIR/search)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",

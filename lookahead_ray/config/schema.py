@@ -517,6 +517,13 @@ class SearchConfig:
     lora_ranks: list[int] = field(default_factory=list)
     """Optional: train.lora.r values crossed with the preview settings (trials train LoRA adapters; train.lora's
     other settings, alpha included, stay as configured)."""
+    methods: list[str] = field(default_factory=list)
+    """Optional: compared methods (``lookahead_ray.methods``: constrained_sft, safety_mix, ptst, mixed_preview,
+    adaptive_preview, or combinations such as real+safety_mix), a trial each (per knob values), crossed with the
+    training knobs; the method's overrides go on the base config before the trial's own."""
+    method_knobs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    """Optional: per method, config keys and the values to try, e.g. {constrained_sft: {train.constrained.beta: [0.1,
+    0.5]}, mixed_preview: {preview.mix_plain_share: [0.25, 0.5]}}."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """grid: every trial; random: num_samples of them, drawn with seed; optuna: num_samples trials proposed by
     Optuna's TPE sampler (seeded with seed) from the same conditional space (pip install 'lookahead-ray[optuna]')."""
@@ -534,12 +541,15 @@ class SearchConfig:
     """Default: the cluster's CPUs (GPUs) divided by what one trial takes, at least 1."""
 
     def __post_init__(self) -> None:
-        if not self.modes:
-            raise ConfigError("tune.modes is empty")
+        if not self.modes and not self.methods:
+            raise ConfigError("tune.modes and tune.methods are both empty: nothing to search")
         if "real" in self.modes and (not self.m or min(self.m) < 0):
             raise ConfigError("tune.m needs at least one value >= 0 when tune.modes has real")
         if "virtual" in self.modes and not self.prefixes:
             raise ConfigError("tune.prefixes needs at least one candidate when tune.modes has virtual")
+        if set(self.method_knobs) - set(self.methods):
+            raise ConfigError(f"tune.method_knobs names methods not in tune.methods: "
+                              f"{sorted(set(self.method_knobs) - set(self.methods))}")
         if any(r < 1 for r in self.lora_ranks):
             raise ConfigError(f"tune.lora_ranks must be >= 1, got {self.lora_ranks}")
         if self.num_samples < 1 or self.cpus_per_trial <= 0:

@@ -48,8 +48,9 @@ class PrepareReport:
         if self.safety_mix:
             parts.append(f"safety demonstrations: {self.safety_mix['written']} of the rows written "
                          f"({100 * self.safety_mix['share_written']:.1f}%, {self.safety_mix['available']} available)")
-        if self.rows_plain and self.preview_tokens:
-            parts.append(f"plain prompts: {self.rows_plain}, previewed: {sum(self.preview_tokens.values())}")
+        if self.rows_plain and self.preview_tokens or len(self.preview_tokens) > 1:
+            lengths = ", ".join(f"{n} tokens: {count}" for n, count in self.preview_tokens.items())
+            parts.append(f"plain prompts: {self.rows_plain}, previewed: {sum(self.preview_tokens.values())} ({lengths})")
         return "; " + "; ".join(parts) if parts else ""
 
 

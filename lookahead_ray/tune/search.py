@@ -118,6 +118,8 @@ def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
     from lookahead_ray.train.plan import plan_search
 
     count = _trial_count(cfg)
+    for choice in space.method_choices(cfg.tune):  # an unknown method or knob, or one the base cannot run, fails now
+        trial_config(cfg, choice, f"tune.methods: {choice['method']}")
     trial = apply_overrides(cfg, {"output_dir": storage.join(search_dir, "trials", "a-trial"), "train.output_dir": None,
                                   "train.storage_path": None})
     plan = plan_search(trial, count).check()
@@ -170,7 +172,7 @@ def run_trial(config: dict[str, Any]) -> None:
     DataContext.get_current().enable_progress_bars = False  # the search prints one line per trial instead
     trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = storage.join(config["search_dir"], "trials", trial_id)
-    cfg = apply_overrides(LookaheadConfig.from_dict(config["base"]), config["overrides"], source=f"trial {trial_id}")
+    cfg = trial_config(LookaheadConfig.from_dict(config["base"]), config["overrides"], f"trial {trial_id}")
     cfg = apply_overrides(cfg, {"output_dir": str(trial_dir), "data.output_dir": None, "train.output_dir": None,
                                 "eval.output_dir": None, "train.storage_path": None,
                                 "train.run_name": f"train-trial_id={trial_id}"})
@@ -184,6 +186,15 @@ def run_trial(config: dict[str, Any]) -> None:
         checkpoint = "(removed: tune.keep_trial_checkpoints is false)"
     ray.tune.report({**scored, "label": space.label(config["overrides"]), "metrics_json": json.dumps(metrics),
                      "checkpoint_path": checkpoint, "final_dir": result.final_dir})
+
+
+def trial_config(base: LookaheadConfig, overrides: dict[str, Any], source: str) -> LookaheadConfig:
+    """A trial's config: the base, its method's overrides (``tune.methods``) if any, then its own."""
+    from lookahead_ray.methods import apply_method
+
+    overrides = dict(overrides)
+    method = overrides.pop("method", None)
+    return apply_overrides(apply_method(base, method) if method else base, overrides, source=source)
 
 
 def _remove_checkpoints(run_dir: str) -> None:
