@@ -115,7 +115,7 @@ def test_prepare_reports_plain_rows_and_adaptive_lengths(tmp_path, tiny_tokenize
     rows = _rows(40)
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
     mixed = run_prepare(_tiny_cfg(tmp_path / "mixed", [data], mix_plain_share=0.5, mix_seed=3))
-    expected_plain = sum(keeps_plain(f"train.jsonl:{i}", 0.5, 3) for i in range(40))
+    expected_plain = sum(keeps_plain(f"train.jsonl:{i}", 0.5, 3) for i in range(1, 41))
     assert mixed.rows_plain == expected_plain and mixed.preview_tokens == {"4": 40 - expected_plain}
     cfg = _tiny_cfg(tmp_path / "adaptive", [data])
     examples = ExampleTokenizer(tiny_tokenizer, cfg.tokenization, SCHEMA).encode_many(rows, [r["output"] for r in rows])
@@ -170,3 +170,20 @@ def test_a_bad_safety_row_names_its_file_row_and_field(tmp_path, tiny_tokenizer)
     report = run_prepare(cfg)
     assert report.safety_mix["drawn"] == 4 and report.safety_mix["rejected"] == 1
     assert report.rows_read == report.rows_written + report.rows_rejected == 24
+
+
+def test_the_single_process_path_mixes_and_counts_the_same_way(tmp_path, tiny_tokenizer):
+    from lookahead_ray.train.data_order import TokenStore
+    from lookahead_ray.train.driver import _tokens_locally
+
+    task = _write_jsonl(tmp_path / "task.jsonl", _rows(40))
+    safety = _write_jsonl(tmp_path / "safety.jsonl", _refusals(30))
+    cfg = _tiny_cfg(tmp_path, [task], mix_plain_share=0.5)
+    cfg.data.safety_mix = SafetyMixConfig(inputs=[safety], share=0.2, seed=1,
+                                          records=RecordConfig(instruction_field="prompt", answer_field="reply"))
+    (tmp_path / "run").mkdir()
+    store = TokenStore(_tokens_locally(cfg, str(tmp_path / "run")))
+    report = json.loads((tmp_path / "run" / "rows_train.json").read_text())
+    plain = sum(keeps_plain(f"task.jsonl:{i}", 0.5, 0) for i in range(1, 41))
+    assert len(store) == 50 and report["rows_written"] == 50 and report["safety_mix"]["written"] == 10
+    assert report["rows_plain"] == plain and report["preview_tokens"] == {"4": 40 - plain}
