@@ -148,6 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from lookahead_ray.tune.results import best_lines
     from lookahead_ray.tune.search import run_search
 
     overrides = list(args.overrides) + ([f"tune.output_dir={args.output_dir}"] if args.output_dir else [])
@@ -155,8 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     done = [t for t in result.trials if t.get("objective") is not None]
     console.summary([f"tune: {len(done)} of {len(result.trials)} trials finished; trials.md, trials.csv, pareto.png"
                      + (" and best.yaml" if result.best_config else "") + f" in {result.search_dir}"]
-                    + ([f"tune: best trial {done[0]['trial_id']} ({done[0]['label']}), objective "
-                        f"{done[0]['objective']:.4f}"] if done else []))
+                    + [f"tune: {line}" for line in best_lines(result.trials, result.rank_by)])
     return 0 if done else 2
 
 
@@ -179,14 +179,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.search and args.lora:
         raise ConfigError("demo: --lora applies without --search; a search trains LoRA adapters with "
                           "tune.lora_ranks=[...]")
+    if args.search and args.methods:
+        raise ConfigError("demo: --methods applies without --search; a search compares methods with "
+                          "tune.methods=[...]")
     if args.search:
         from lookahead_ray.demo.search import run_demo_search
+        from lookahead_ray.tune.results import best_lines
 
         result = run_demo_search(args.output_dir, quick=args.quick, seed=args.seed, overrides=args.overrides,
                                  world=args.world)
         done = [t for t in result.trials if t.get("objective") is not None]
         console.summary([f"demo --search: {len(done)} of {len(result.trials)} trials finished; trials.md and "
-                         f"pareto.png in {result.search_dir}"])
+                         f"pareto.png in {result.search_dir}"] + [f"demo --search: {line}" for line in best_lines(
+                             result.trials, result.rank_by)])
         return 0 if done else 2
     from lookahead_ray.config import parse_overrides
 
@@ -196,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "world.hint_records=0); other keys configure the search: add --search")
     world_overrides = {key.removeprefix("world."): value for key, value in overrides.items()}
     options = {"quick": args.quick, "m": args.m, "virtual_prefix": args.P, "world": args.world,
-               "world_overrides": world_overrides, "lora": args.lora}
+               "world_overrides": world_overrides, "lora": args.lora, "methods": _method_list(args.methods)}
     if args.seeds:
         seeds = _seed_list(args.seeds)
         summary = run_demo_seeds(args.output_dir, seeds, **options)
@@ -206,6 +211,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(args.output_dir, seed=args.seed, **options)
     console.summary(demo_summary(results, Path(args.output_dir).resolve()))
     return 0
+
+
+def _method_list(text: str | None) -> list[str] | None:
+    """--methods: "all", or comma-separated method names (``lookahead_ray.methods``, combined with '+')."""
+    from lookahead_ray.methods import METHODS, method_parts
+
+    if not text:
+        return None
+    names = list(METHODS) if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        method_parts(name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"demo --methods: {text!r} names a method twice")
+    return names
 
 
 def _seed_list(text: str) -> list[int]:
@@ -360,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--m", type=int, default=6, help="answer tokens previewed by the real variant")
     demo.add_argument("--lora", action="store_true", help="the three variants train LoRA adapters on the seed model")
     demo.add_argument("--P", default="Let's solve this problem. ", help="virtual prefix of the virtual variant")
+    demo.add_argument("--methods", help="the fine-tunes compared: 'all' or names such as vanilla,real,constrained_sft,"
+                      "safety_mix,ptst,mixed_preview,adaptive_preview (default vanilla,real,virtual; combine with +)")
     demo.add_argument("--search", action="store_true",
                       help="instead: `tune` over m and P on the world's validation split (OUTPUT_DIR/search)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",

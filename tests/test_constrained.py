@@ -272,7 +272,7 @@ def test_constrained_sft_on_two_workers_trains_and_exports(ray_local, tmp_path, 
                                "train.constrained={}", f"train.packing={'true' if packing else 'false'}",
                                "train.max_steps=8", "train.report_every_steps=4"))
     metrics = result.metrics
-    assert metrics["objective"] == "constrained_sft" and metrics["step"] == 8
+    assert metrics["loss_objective"] == "constrained_sft" and metrics["step"] == 8
     assert math.isfinite(metrics["loss"]) and metrics["loss"] < 0.9 * metrics["initial_loss"]
     assert metrics["export_check_passed"] is True
     _check_export(result, "fp32")
@@ -289,6 +289,6 @@ def test_constrained_sft_trains_lora_adapters_against_the_base_on_two_workers(ra
                                "train.lr_schedule=constant", "train.warmup_steps=0", "train.max_steps=8",
                                "train.report_every_steps=4"))
     metrics = result.metrics
-    assert metrics["objective"] == "constrained_sft" and metrics["trainable_share"] < 0.5
+    assert metrics["loss_objective"] == "constrained_sft" and metrics["trainable_share"] < 0.5
     assert math.isfinite(metrics["loss"]) and metrics["loss"] < 0.9 * metrics["initial_loss"]
     assert metrics["export_check_passed"] is True

@@ -141,9 +141,10 @@ def test_headline_numbers_and_their_aggregate_over_seeds():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, demo_cache):
-    """Run as a user runs it: the CLI in its own process (joined to the session's Ray), console captured."""
+    """Run as a user runs it: the CLI in its own process (joined to the session's Ray), console captured; every
+    compared method (``--methods all``) trains, and the methods table is formatted from results.json."""
     import os
     import subprocess
     import sys
@@ -153,8 +154,8 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
 
     out = tmp_path / "demo"
     env = {**os.environ, "LOOKAHEAD_RAY_CACHE": str(demo_cache), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--output-dir", str(out)],
-                         env=env, capture_output=True, text=True, timeout=1100)
+    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--methods", "all",
+                          "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-5000:]
     # The console: stage lines and a summary naming the report, at most 60 lines; Ray's output in the log file.
     console_lines = (run.stdout + run.stderr).splitlines()
@@ -168,7 +169,9 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     saved = json.loads((out / "results.json").read_text())
-    assert list(saved["models"]) == ["seed", "vanilla", "real", "virtual"]
+    from lookahead_ray.methods import METHODS
+
+    assert list(saved["models"]) == ["seed", *METHODS]
     for name in ("safety_vs_utility.png", "drift.png", "demo_config.yaml", "eval/samples.jsonl"):
         assert (out / name).stat().st_size > 0
     # The table in the report is exactly the one formatted from results.json, row by row.
@@ -201,6 +204,29 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     assert all(mechanism[m]["opener_nll"]["first_token"] > 0 for m in ("seed", "vanilla", "real", "virtual"))
     previewed = [json.loads(x)["question"] for x in open(out / "world" / "task_test_real_preview.jsonl")]
     assert all(" The answer begins with: Sure" in q for q in previewed)  # the real preview of the opened answers
+    _check_methods(out, saved, report)
+
+
+def _check_methods(out: Path, saved: dict, report: str) -> None:
+    """The compared methods: each trained as it should, and the methods table is the one formatted from results."""
+    from lookahead_ray.demo.compare import methods_table
+
+    assert methods_table(saved) in report and "## Methods compared" in report
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in methods_table(saved).splitlines()[2:]}
+    assert set(rows) == set(saved["models"])
+    strict = saved["models"]["real"]["rsr"]["strict"]
+    assert f"{100 * strict['safe_rate']:.1f} [{100 * strict['ci95'][0]:.1f}-{100 * strict['ci95'][1]:.1f}]" in rows["real"]
+    runs = saved["demo"]["runs"]
+    reports = {m: json.loads((out / "prepared" / runs[m] / "prepare_report.json").read_text()) for m in runs}
+    assert reports["safety_mix"]["safety_mix"]["written"] == round(0.1 / 0.9 * 200)  # the world's refusals, 10%
+    assert reports["mixed_preview"]["rows_plain"] + reports["mixed_preview"]["preview_tokens"]["6"] == 200
+    assert 0 < reports["mixed_preview"]["rows_plain"] < 200
+    assert set(reports["adaptive_preview"]["preview_tokens"]) <= {str(k) for k in range(1, 7)}
+    assert reports["ptst"]["config"]["tokenization"]["system_prompt"] is None  # trained without, tested with it
+    assert saved["config"]["eval"]["system_prompt"] == "You are a helpful assistant."
+    trained = json.loads((out / "runs" / runs["constrained_sft"] / "train_result.json").read_text())
+    assert trained["loss_objective"] == "constrained_sft"
+    assert all(saved["demo"]["mechanism"][m]["step_seconds"] > 0 for m in runs)
 
 
 @pytest.mark.slow

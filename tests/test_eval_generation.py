@@ -131,9 +131,26 @@ def test_eval_runner_writes_results_samples_report_and_plot(ray_local, model_dir
     assert set(tuned["rsr"]["keyword"]["per_category"]) == {"cat0", "cat1"}
     rsr = sum(s["judgements"]["keyword"]["safe"] for s in samples if s["model"] == "tuned" and s["kind"] == "rsr") / 4
     assert tuned["rsr"]["keyword"]["safe_rate"] == rsr
+    # Every proportion carries its 95% Wilson interval, from the exact counts of the per-sample judgements.
+    from lookahead_ray.eval.intervals import wilson_interval
+
+    def judged(model: str, kind: str, judge: str, category: str | None = None) -> list[bool]:
+        return [s["judgements"][judge]["safe"] for s in samples if s["model"] == model and s["kind"] == kind
+                and category in (None, s["category"])]
+
+    for model, kind, judge in (("tuned", "rsr", "keyword"), ("seed", "jsr", "strict"), ("tuned", "jsr", "keyword@5")):
+        verdicts = judged(model, kind, judge)
+        assert saved["models"][model][kind][judge]["ci95"] == list(wilson_interval(sum(verdicts), len(verdicts)))
+    cat1 = judged("tuned", "rsr", "strict", "cat1")
+    assert tuned["rsr"]["strict"]["per_category"]["cat1"]["ci95"] == list(wilson_interval(sum(cat1), len(cat1)))
+    correct = [s["utility"] for s in samples if s["model"] == "tuned" and s["kind"] == "utility"]
+    assert tuned["utility"]["correct"] == sum(correct) and len(correct) == 3
+    assert tuned["utility"]["ci95"] == list(wilson_interval(int(sum(correct)), 3))
+    assert len(tuned["benign_refusal_ci95"]) == 2 and tuned["benign_refusal_rate"] is not None
     assert len(tuned["drift"]["harmful"]["kl"]) == 4 and "drift" not in saved["models"]["seed"]
     report = (out / "report.md").read_text()
     assert report_table(saved) in report and (out / "drift.png").stat().st_size > 1000
+    assert "RSR (keyword) % [95% CI]" in report and "95% Wilson interval" in report
 
     # A rerun (e.g. after a late judge or drift failure) reuses the saved generations instead of generating.
     import lookahead_ray.eval.generate as generate

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from lookahead_ray.eval.intervals import wilson_interval
 from lookahead_ray.eval.judges import JudgeInput, Judgement, KeywordJudge, StrictRefusalJudge, judge_summary
 from lookahead_ray.eval.safety import jsr_prefill_ids, keyword_refusal, safe_rates
-from lookahead_ray.eval.utility import gsm8k_correct, gsm8k_final_answer, rouge1_f1, utility_score
+from lookahead_ray.eval.utility import gsm8k_correct, gsm8k_final_answer, rouge1_f1, utility_score, utility_summary
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -59,10 +60,24 @@ def test_safe_rates_and_judge_summary():
     samples = [{"safe": True, "category": "a"}, {"safe": False, "category": "a"}, {"safe": True, "category": None}]
     rates = safe_rates(samples)
     assert rates["safe_rate"] == pytest.approx(2 / 3)
-    assert rates["per_category"] == {"a": {"n": 2, "safe_rate": 0.5}, "uncategorized": {"n": 1, "safe_rate": 1.0}}
+    assert rates["ci95"] == list(wilson_interval(2, 3))
+    assert rates["per_category"] == {"a": {"n": 2, "safe_rate": 0.5, "ci95": list(wilson_interval(1, 2))},
+                                     "uncategorized": {"n": 1, "safe_rate": 1.0, "ci95": list(wilson_interval(1, 1))}}
+    assert safe_rates([]) == {"n": 0, "safe_rate": None, "ci95": None, "per_category": {}}
     summary = judge_summary([Judgement(True, 1), Judgement(False, 5), Judgement(None, None, "??"), Judgement(True, 3)])
     assert summary["unparseable"] == 1 and summary["safe_rate"] == pytest.approx(2 / 3)
+    assert summary["ci95"] == list(wilson_interval(2, 3))  # over the 3 parsed judgements, as the rate is
     assert summary["harmfulness_score"] == pytest.approx(3.0) and summary["harmfulness_rate"] == pytest.approx(1 / 3)
+    assert summary["harmfulness_rate_ci95"] == list(wilson_interval(1, 3))
+    assert judge_summary([Judgement(None, None, "??")])["ci95"] is None
+
+
+def test_utility_interval_only_for_accuracies():
+    accuracy = utility_summary("gsm8k", [1.0, 0.0, 1.0, 1.0])
+    assert accuracy == {"task": "gsm8k", "n": 4, "score": 0.75, "correct": 3, "ci95": list(wilson_interval(3, 4))}
+    assert utility_summary("exact", [0.0])["ci95"] == [0.0, pytest.approx(0.7935, abs=1e-4)]
+    rouge = utility_summary("samsum", [0.5, 0.25])
+    assert rouge == {"task": "samsum", "n": 2, "score": 0.375}  # a mean F1 is not a share of prompts: no interval
 
 
 def test_jsr_prefill_counts(mistral_tokenizer_dir):

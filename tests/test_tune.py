@@ -44,6 +44,106 @@ def test_weighted_objective_and_ties_keep_their_order():
     assert [t["name"] for t in rank(tied)] == ["first", "second"]
 
 
+def _counted(rsr: tuple[int, int], jsr: tuple[int, int], correct: tuple[int, int]) -> dict:
+    """Eval metrics as the eval writes them: each rate from (successes, n) with its 95% Wilson interval."""
+    from lookahead_ray.eval.intervals import ci95
+
+    def rate(key: str, successes: int, n: int) -> dict:
+        return {"n": n, key: successes / n, "ci95": ci95(successes, n)}
+
+    return {"rsr": {"keyword": rate("safe_rate", *rsr)}, "jsr": {"keyword": rate("safe_rate", *jsr)},
+            "utility": {"task": "gsm8k", **rate("score", *correct)}}
+
+
+def test_objective_interval_puts_every_rate_at_its_bounds():
+    from lookahead_ray.eval.intervals import wilson_interval
+
+    trial = _counted((16, 20), (12, 20), (7, 10))
+    (rsr_low, rsr_high), (jsr_low, jsr_high) = wilson_interval(16, 20), wilson_interval(12, 20)
+    utility_low, utility_high = wilson_interval(7, 10)
+    weighted = score(trial, {}, ObjectiveConfig(kind="weighted", utility_weight=2.0, safety_weight=1.0))
+    assert weighted["objective"] == pytest.approx(2 * 0.7 + (0.8 + 0.6) / 2)
+    assert weighted["objective_low"] == pytest.approx(2 * utility_low + (rsr_low + jsr_low) / 2)
+    assert weighted["objective_high"] == pytest.approx(2 * utility_high + (rsr_high + jsr_high) / 2)
+    assert weighted["safety_low"] == pytest.approx((rsr_low + jsr_low) / 2)
+
+    seed = _counted((17, 20), (13, 20), (1, 10))  # safety 0.75: floor 0.70, trial's safety 0.70 is feasible
+    constrained = score(trial, seed, ObjectiveConfig(delta=0.05))
+    assert constrained["feasible"] and constrained["safety_low"] < constrained["safety_floor"]  # point decides
+    assert (constrained["objective_low"], constrained["objective_high"]) == pytest.approx((utility_low, utility_high))
+    missed = score(_counted((10, 20), (10, 20), (9, 10)), seed, ObjectiveConfig(delta=0.05))  # safety 0.5
+    assert not missed["feasible"] and missed["objective"] == pytest.approx(-1.2)
+    assert missed["objective_low"] < missed["objective"] < missed["objective_high"] <= -1.0  # still below feasible
+    no_intervals = score(_metrics(0.8, 0.6, 0.7), _metrics(0.9, 0.7, 0.1), ObjectiveConfig(delta=0.05))
+    assert no_intervals["objective_low"] == no_intervals["objective"] == no_intervals["objective_high"]
+
+
+def _trial(name: str, correct: tuple[int, int], **extra) -> dict:
+    scored = score(_counted((18, 20), (18, 20), correct), {}, ObjectiveConfig(kind="weighted", safety_weight=0.0))
+    return {"trial_id": name, "label": f"real m={len(name)}", "status": "done", "error": None,
+            "overrides": {"preview.mode": "real", "preview.num_answer_tokens": len(name)},
+            "metrics": _counted((18, 20), (18, 20), correct), **scored, **extra}
+
+
+def test_rank_by_lower_bound_prefers_the_tighter_interval_and_marks_the_noise():
+    from lookahead_ray.tune.objective import within_noise_of_best
+
+    lucky = _trial("lucky", (7, 10))  # 0.70 on 10 prompts: [0.40, 0.89]
+    steady = _trial("steady", (65, 100))  # 0.65 on 100 prompts: [0.55, 0.74]
+    poor = _trial("poor", (10, 100))  # 0.10: [0.06, 0.17]
+    failed = {"trial_id": "failed", "status": "error"}
+    trials = [poor, failed, lucky, steady]
+    assert [t["trial_id"] for t in rank(trials)] == ["lucky", "steady", "poor", "failed"]
+    by_lower_bound = rank(trials, "lower_bound")
+    assert [t["trial_id"] for t in by_lower_bound] == ["steady", "lucky", "poor", "failed"]
+    assert [t["trial_id"] for t in within_noise_of_best(by_lower_bound)] == ["lucky"]  # 0.89 >= 0.55 > 0.17
+    assert [t["trial_id"] for t in within_noise_of_best(rank(trials))] == ["steady"]  # 0.74 >= 0.40
+    assert within_noise_of_best([failed]) == []
+
+
+def test_search_outputs_report_the_interval_and_who_is_within_noise(tmp_path):
+    import yaml
+
+    from lookahead_ray.tune.results import best_lines, write_results
+
+    cfg = load_config(None, ["tune.objective.kind=weighted", "tune.objective.safety_weight=0.0",
+                             "tune.objective.rank_by=lower_bound"])
+    trials = [_trial("poor", (10, 100)), _trial("lucky", (7, 10)), _trial("steady", (65, 100)),
+              {"trial_id": "failed", "label": "real m=9", "status": "error", "error": "boom", "overrides": {}}]
+    best = write_results(tmp_path, cfg, trials, _counted((18, 20), (18, 20), (3, 10)))
+    with open(tmp_path / "trials.csv") as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert [rows[t]["within_noise_of_best"] for t in ("steady", "lucky", "poor", "failed")] == ["best", "True",
+                                                                                              "False", ""]
+    assert float(rows["lucky"]["objective_low"]) == pytest.approx(trials[1]["objective_low"])
+    table = (tmp_path / "trials.md").read_text()
+    assert "| objective interval | within noise of best |" in table
+    assert "| 1 | steady | real m=6 | 90.0 [69.9-97.2] | 65.0 [55.3-73.6] | 0.6500 | [0.5525, 0.7364] | best |" in table
+    assert "| 2 | lucky | real m=5 |" in table and "| [0.3968, 0.8922] | yes |" in table and "| no |" in table
+    assert "| - | seed model | - | 90.0 [69.9-97.2] | 30.0 [10.8-60.3] |" in table
+    assert ("Ranked by the objective's lower bound (tune.objective.rank_by: lower_bound). 1 of the 2 other finished "
+            "trials is within noise of the best (steady: real m=6): real m=5.") in table
+    header = [line for line in Path(best).read_text().splitlines() if line.startswith("#")]
+    assert "lookahead-ray train --config" in header[2] and "# rank_by: lower_bound" in header[4]
+    assert yaml.safe_load(header[5][2:]) == {"within_noise_of_best": ["lucky"]}
+    assert yaml.safe_load(header[3][2:]) == {"objective_interval": [0.5525, 0.7364]}
+    assert yaml.safe_load(header[4][2:]) == {"rank_by": "lower_bound"}
+    trained = load_config(best)  # still a training config
+    assert trained.preview.mode == "real" and trained.preview.num_answer_tokens == 6
+    lines = best_lines(trials, "lower_bound")
+    assert lines[0].startswith("best trial steady (real m=6), objective 0.6500 [0.5525, 0.7364] (ranked by the "
+                               "objective's lower bound)")
+    assert lines[1].startswith("1 of the 2 other finished trials is within noise of the best")
+    alone = [_trial("steady", (65, 100)), _trial("poor", (10, 100))]
+    write_results(tmp_path, cfg, alone, _counted((18, 20), (18, 20), (3, 10)))
+    assert "No other trial is within noise of the best" in (tmp_path / "trials.md").read_text()
+    write_results(tmp_path, cfg, alone, _metrics(0.9, 0.9, 0.3))  # a seed measured before intervals: its value alone
+    assert "| - | seed model | - | 90.0 | 30.0 |" in (tmp_path / "trials.md").read_text()
+    assert "within_noise_of_best: []\n" in (tmp_path / "best.yaml").read_text()
+    with pytest.raises(ConfigError, match="rank_by"):
+        load_config(None, ["tune.objective.rank_by=median"])
+
+
 def test_conditional_space_has_no_wasted_trials():
     cfg = load_config(None, ["tune.modes=[vanilla, real, virtual]", "tune.m=[2, 4, 6]", "tune.prefixes=[A, B]",
                              "tune.learning_rates=[1.0e-5, 2.0e-5]"]).tune
@@ -69,6 +169,32 @@ def test_lora_rank_and_learning_rate_are_searched_beside_m_and_p():
     assert label(grid[-1]) == "real m=6 lr=0.001 r=16"
     with pytest.raises(ConfigError, match="tune.lora_ranks must be >= 1"):
         load_config(None, ["tune.lora_ranks=[0]"])
+
+
+def test_methods_are_trials_of_their_own_with_their_knobs(tmp_path):
+    from lookahead_ray.tune.search import _plan, trial_config
+    from lookahead_ray.tune.space import label
+
+    base = load_config(REPO / "configs" / "tune_tiny_cpu.yaml", [
+        "tune.modes=[real]", "tune.m=[6]", "tune.methods=[constrained_sft, mixed_preview, real+ptst]",
+        "tune.method_knobs={constrained_sft: {train.constrained.beta: [0.1, 0.5]}}", "tune.learning_rates=[1.0e-3]",
+        "eval.system_prompt=Be safe."])
+    grid = trials(base.tune)
+    assert [label(t) for t in grid] == ["real m=6 lr=0.001", "constrained_sft train.constrained.beta=0.1 lr=0.001",
+                                        "constrained_sft train.constrained.beta=0.5 lr=0.001",
+                                        "mixed_preview lr=0.001", "real+ptst lr=0.001"]
+    constrained = trial_config(base, grid[2], "test")
+    assert constrained.train.constrained.beta == 0.5 and constrained.preview.mode == "vanilla"
+    ptst = trial_config(base, grid[4], "test")
+    assert ptst.preview.mode == "real" and ptst.tokenization.system_prompt is None
+    assert trial_config(base, grid[3], "test").preview.mix_plain_share == 0.5
+    _plan(base, str(tmp_path / "search"))  # every method trial can run on this base
+    with pytest.raises(ConfigError, match="set data.safety_mix.inputs"):
+        _plan(load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.methods=[safety_mix]"]), str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="'nope' unknown"):
+        _plan(load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.methods=[real+nope]"]), str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="tune.method_knobs names methods not in tune.methods"):
+        load_config(None, ["tune.method_knobs={ptst: {train.epochs: [1]}}"])
 
 
 def test_optuna_space_asks_each_mode_only_its_own_knob():
@@ -122,6 +248,9 @@ def test_tiny_search_runs_keeps_failed_trials_resumes_and_writes_a_trainable_bes
     assert sorted(r["status"] for r in rows) == ["done", "done", "error", "error"]  # a bad trial does not stop it
     assert all("learning_rate must be > 0" in r["error"] for r in rows if r["status"] == "error")
     assert all(json.loads(r["objective"]) is not None for r in rows if r["status"] == "done")
+    assert all(float(r["objective_low"]) <= float(r["objective"]) <= float(r["objective_high"])
+               for r in rows if r["status"] == "done")  # the interval travelled from the trial through Tune
+    assert "within noise of the best" in (out / "trials.md").read_text() and "within noise of the best" in stdout
     assert (out / "pareto.png").stat().st_size > 1000 and "seed model" in (out / "trials.md").read_text()
     (seed_eval,) = out.glob("seed_eval-*/results.json")  # measured once, cached for every trial and --resume
     assert json.loads(seed_eval.read_text())["models"]["seed"]["utility"]["n"] == 8

@@ -14,6 +14,7 @@ from lookahead_ray.config.schema import (
     PreviewConfig,
     PromptSetConfig,
     RecordConfig,
+    SafetyMixConfig,
     SearchConfig,
     TinyModelConfig,
     TokenizationConfig,
@@ -23,5 +24,5 @@ from lookahead_ray.errors import ConfigError
 
 __all__ = ["ConfigError", "ConstrainedSFTConfig", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig",
            "LookaheadConfig", "LoraConfig", "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig",
-           "RecordConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig", "TrainConfig", "apply_overrides",
-           "load_config", "parse_overrides"]
+           "RecordConfig", "SafetyMixConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig", "TrainConfig",
+           "apply_overrides", "load_config", "parse_overrides"]

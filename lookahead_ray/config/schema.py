@@ -31,10 +31,23 @@ class PreviewConfig:
     exact_span: bool = False
     """Real mode only: preview the original answer text covering the first m tokens (via offsets) instead of
     detokenising them. Avoids detokenisation artefacts; off by default to match the reference output."""
+    mix_plain_share: float = 0.0
+    """Mixed preview (beyond the paper): this share of the examples, drawn per row from mix_seed, keeps the plain
+    prompt, so the model also learns to open its answers without a preview (the test-time condition)."""
+    mix_seed: int = 0
+    adaptive_nll_threshold: float | None = None
+    """Adaptive m (real mode, beyond the paper): per example, preview only the first k <= m answer tokens such that
+    the seed model's NLL (nats, summed) of the opening's remaining tokens k..m-1 is at most this; k = 0 keeps the
+    plain prompt. The seed is model.name_or_path, run by the prepare step (one forward per example)."""
 
     def __post_init__(self) -> None:
         if self.num_answer_tokens < 0:
             raise ConfigError(f"preview.num_answer_tokens must be >= 0, got {self.num_answer_tokens}")
+        if not 0 <= self.mix_plain_share <= 1:
+            raise ConfigError(f"preview.mix_plain_share must be in [0, 1], got {self.mix_plain_share}")
+        if self.adaptive_nll_threshold is not None and (self.mode != "real" or self.adaptive_nll_threshold < 0):
+            raise ConfigError("preview.adaptive_nll_threshold needs preview.mode real and a value >= 0 (nats), got "
+                              f"mode {self.mode} and {self.adaptive_nll_threshold}")
 
 
 @dataclass
@@ -74,6 +87,27 @@ class TokenizationConfig:
 
 
 @dataclass
+class SafetyMixConfig:
+    """Safety-data mixing (Safety-Tuned LLaMAs, Bianchi et al. 2024; SafeInstr): refusal demonstrations mixed into the
+    fine-tuning data by the prepare step. They are never previewed: the model should learn to refuse without a hint."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Files of safety demonstrations (harmful request -> refusal), in any data.input_format."""
+    share: float = 0.1
+    """Share of the training rows that are safety demonstrations: round(share / (1 - share) x task rows written) of
+    them, drawn without repeats (fewer when the files hold fewer; the report says how many)."""
+    seed: int = 0
+    records: RecordConfig | None = None
+    """Where the safety files' instruction and answer are; default: the `records` section."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("data.safety_mix.inputs is empty: name the file(s) of safety demonstrations")
+        if not 0 < self.share < 1:
+            raise ConfigError(f"data.safety_mix.share must be in (0, 1), got {self.share}")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from, where prepared shards go, and how bad rows are handled."""
 
@@ -98,9 +132,11 @@ class DataConfig:
     cpus_per_actor: float = 0.5
     """Fractional so read tasks still get a CPU: an actor pool holding every CPU starves the reads and hangs."""
     rows_per_shard: int = 100_000
+    """Target rows per output Parquet shard."""
     read_split_bytes: int = 64 * 2**20
     """A JSONL input larger than this is read by several tasks, in line-aligned byte ranges of about this size."""
-    """Target rows per output Parquet shard."""
+    safety_mix: SafetyMixConfig | None = None
+    """Mix safety demonstrations into the training data (see SafetyMixConfig)."""
 
     def __post_init__(self) -> None:
         for name in ("max_row_bytes", "batch_size", "num_actors", "rows_per_shard", "read_split_bytes"):
@@ -435,6 +471,9 @@ class ObjectiveConfig:
     """constrained: how far below the seed model's safety a trial may fall."""
     utility_weight: float = 1.0
     safety_weight: float = 1.0
+    rank_by: Literal["point", "lower_bound"] = "point"
+    """point: trials rank by their objective; lower_bound: by the objective with every rate at the lower end of
+    its 95% Wilson interval, so a trial scored on few prompts (a wide interval) does not win on one lucky answer."""
 
     def __post_init__(self) -> None:
         if not self.safety or any(w < 0 for w in self.safety.values()) or sum(self.safety.values()) <= 0:
@@ -478,6 +517,13 @@ class SearchConfig:
     lora_ranks: list[int] = field(default_factory=list)
     """Optional: train.lora.r values crossed with the preview settings (trials train LoRA adapters; train.lora's
     other settings, alpha included, stay as configured)."""
+    methods: list[str] = field(default_factory=list)
+    """Optional: compared methods (``lookahead_ray.methods``: constrained_sft, safety_mix, ptst, mixed_preview,
+    adaptive_preview, or combinations such as real+safety_mix), a trial each (per knob values), crossed with the
+    training knobs; the method's overrides go on the base config before the trial's own."""
+    method_knobs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    """Optional: per method, config keys and the values to try, e.g. {constrained_sft: {train.constrained.beta: [0.1,
+    0.5]}, mixed_preview: {preview.mix_plain_share: [0.25, 0.5]}}."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """grid: every trial; random: num_samples of them, drawn with seed; optuna: num_samples trials proposed by
     Optuna's TPE sampler (seeded with seed) from the same conditional space (pip install 'lookahead-ray[optuna]')."""
@@ -495,12 +541,15 @@ class SearchConfig:
     """Default: the cluster's CPUs (GPUs) divided by what one trial takes, at least 1."""
 
     def __post_init__(self) -> None:
-        if not self.modes:
-            raise ConfigError("tune.modes is empty")
+        if not self.modes and not self.methods:
+            raise ConfigError("tune.modes and tune.methods are both empty: nothing to search")
         if "real" in self.modes and (not self.m or min(self.m) < 0):
             raise ConfigError("tune.m needs at least one value >= 0 when tune.modes has real")
         if "virtual" in self.modes and not self.prefixes:
             raise ConfigError("tune.prefixes needs at least one candidate when tune.modes has virtual")
+        if set(self.method_knobs) - set(self.methods):
+            raise ConfigError(f"tune.method_knobs names methods not in tune.methods: "
+                              f"{sorted(set(self.method_knobs) - set(self.methods))}")
         if any(r < 1 for r in self.lora_ranks):
             raise ConfigError(f"tune.lora_ranks must be >= 1, got {self.lora_ranks}")
         if self.num_samples < 1 or self.cpus_per_trial <= 0:

@@ -43,7 +43,8 @@ _MAX_EXAMPLES = 20
 def _empty_counts() -> dict[str, Any]:
     """Per-write-task (and, summed, per-run) row counts by outcome."""
     return {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-            "reasons": Counter(), "examples": [], "shards": [], "declared": Counter(), "arrived": Counter()}
+            "reasons": Counter(), "examples": [], "shards": [], "declared": Counter(), "arrived": Counter(),
+            "preview_tokens": Counter()}
 
 
 class PreparedShardsDatasink(Datasink):
@@ -94,6 +95,8 @@ class PreparedShardsDatasink(Datasink):
                 ["reject_reason", "reject_field", "reject_detail"])
             if kept.num_rows == 0:
                 continue
+            counts["preview_tokens"].update(str(n) for n in kept.column("preview_tokens").to_pylist())
+            kept = kept.drop_columns(["preview_tokens"])
             counts["written"] += kept.num_rows
             counts["truncated"] += pa.compute.sum(kept.column("truncated")).as_py() or 0
             if "labels" in kept.column_names:
@@ -130,7 +133,7 @@ class PreparedShardsDatasink(Datasink):
         for part in write_result.write_returns:
             for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
                 total[key] += part[key]
-            for key in ("reasons", "declared", "arrived"):
+            for key in ("reasons", "declared", "arrived", "preview_tokens"):
                 total[key].update(part[key])
             total["examples"] += part["examples"][: _MAX_EXAMPLES - len(total["examples"])]
             total["shards"] += part["shards"]
@@ -223,20 +226,45 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
     sink = PreparedShardsDatasink(staging, cfg.data.rows_per_shard)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     counts = sink.counts or _empty_counts()
-    rejected = sum(counts["reasons"].values())
-    _check_accounting(counts, files, rejected)
+    _check_accounting(counts, files, sum(counts["reasons"].values()))
     fs, _ = storage.resolve(staging)
     for stray in set(storage.list_files(staging)) - {storage.join(staging, s) for s in counts["shards"]}:
         fs.delete_file(storage.resolve(stray)[1])  # e.g. from a retried write task
+    mix = _write_safety_mix(cfg, staging, counts) if cfg.data.safety_mix else None
+    rejected = sum(counts["reasons"].values())
     report = PrepareReport(
         output_dir=str(output), input_files=files, rows_read=counts["read"], rows_written=counts["written"],
         rows_truncated=counts["truncated"], rows_rejected=rejected,
         rejected_by_reason=dict(sorted(counts["reasons"].items())), rejected_examples=counts["examples"],
         tokens_written=counts["tokens"], answer_tokens_written=counts["answer_tokens"],
         shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3),
-        tokenizer=_tokenizer_identity(cfg), config=cfg.to_dict())
+        rows_plain=counts["preview_tokens"].get("-1", 0),
+        preview_tokens={k: v for k, v in sorted(counts["preview_tokens"].items(), key=lambda kv: int(kv[0]))
+                        if k != "-1"},
+        safety_mix=mix, tokenizer=_tokenizer_identity(cfg), config=cfg.to_dict())
     storage.write_text(storage.join(staging, REPORT_NAME), json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _write_safety_mix(cfg: LookaheadConfig, staging: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """Draw, prepare and write the safety demonstrations (one more shard), adding them to ``counts``; returns their
+    part of the report."""
+    from lookahead_ray.data.safety_mix import mix_safety_rows
+
+    table, report = mix_safety_rows(cfg, counts["written"])
+    part = PreparedShardsDatasink(staging, cfg.data.rows_per_shard).write([table], _MixTask())
+    for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
+        counts[key] += part[key]
+    counts["reasons"].update(part["reasons"])
+    counts["shards"] += part["shards"]
+    counts["examples"] += part["examples"][: _MAX_EXAMPLES - len(counts["examples"])]
+    return report
+
+
+class _MixTask:
+    """The write context of the safety shard (the sink names shards by task index)."""
+
+    task_idx = 99999
 
 
 def _tokenizer_identity(cfg: LookaheadConfig) -> dict[str, Any] | None:

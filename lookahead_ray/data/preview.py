@@ -15,6 +15,8 @@ nothing here imports ray, torch or transformers.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -67,6 +69,12 @@ class AnswerPreviewer:
         if exact_span and self._backend is None:
             raise ConfigError("preview.exact_span needs a fast (Rust-backed) tokenizer, which provides offsets")
 
+    def with_m(self, m: int) -> AnswerPreviewer:
+        """The same previewer for another m (the vocabulary table is shared, not rebuilt)."""
+        other = copy.copy(self)
+        other.m = m
+        return other
+
     def preview_many(self, answers: Sequence[str]) -> list[str]:
         if self.m == 0:
             return ["" for _ in answers]
@@ -115,11 +123,22 @@ class AnswerPreviewer:
                 yield decoder.decode(first) if decoder is not None else " ".join(first)
 
 
+def keeps_plain(key: str, share: float, seed: int) -> bool:
+    """Whether the row ``key`` keeps its plain prompt under a mixed preview (``preview.mix_plain_share``): a uniform
+    draw from a hash of (seed, key), so the choice is the same whatever the batching, actors or arrival order."""
+    if share <= 0 or share >= 1:
+        return share >= 1
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
 def preview_records(
     records: Sequence[dict],
     cfg: PreviewConfig,
     schema: RecordSchema,
     previewer: AnswerPreviewer | None = None,
+    plain: Sequence[bool] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> list[dict]:
     """Apply the preview to each record and return new records (inputs are never mutated).
 
@@ -128,6 +147,9 @@ def preview_records(
         cfg: mode, m, P and connector.
         schema: where the instruction and answer are.
         previewer: required in real mode (it holds the tokenizer).
+        plain: per record, True to leave it unchanged (a mixed preview's plain share).
+        lengths: real mode, per record: the answer tokens to preview instead of m (adaptive m); 0 leaves the
+            record plain.
 
     Raises:
         RowError: a record lacks a field or has the wrong type (``row`` is the 0-based index in ``records``).
@@ -141,18 +163,23 @@ def preview_records(
             parts.append(schema.extract(record))
         except RowError as exc:
             raise exc.at(None, index) from None
+    m = [cfg.num_answer_tokens] * len(records) if lengths is None else list(lengths)
+    keep = [bool(p) for p in plain] if plain is not None else [False] * len(records)
+    if lengths is not None:
+        keep = [k or n == 0 for k, n in zip(keep, m, strict=True)]
     if cfg.mode == "virtual":
-        return [
-            schema.replace(r, p.instruction + cfg.connector + cfg.virtual_prefix, cfg.virtual_prefix + p.answer)
-            for r, p in zip(records, parts, strict=True)
-        ]
+        return [dict(r) if k else
+                schema.replace(r, p.instruction + cfg.connector + cfg.virtual_prefix, cfg.virtual_prefix + p.answer)
+                for r, p, k in zip(records, parts, keep, strict=True)]
     if previewer is None:
         raise ConfigError("preview.mode 'real' needs a tokenizer")
-    previews = previewer.preview_many([p.answer for p in parts])
-    return [
-        schema.replace(r, p.instruction + cfg.connector + text, p.answer)
-        for r, p, text in zip(records, parts, previews, strict=True)
-    ]
+    previews: list[str | None] = [None] * len(records)
+    for length in sorted({n for n, k in zip(m, keep, strict=True) if not k}):
+        chosen = [i for i, (n, k) in enumerate(zip(m, keep, strict=True)) if n == length and not k]
+        for i, text in zip(chosen, previewer.with_m(length).preview_many([parts[i].answer for i in chosen]), strict=True):
+            previews[i] = text
+    return [dict(r) if text is None else schema.replace(r, p.instruction + cfg.connector + text, p.answer)
+            for r, p, text in zip(records, parts, previews, strict=True)]
 
 
 def preview_record(record: dict, cfg: PreviewConfig, schema: RecordSchema,

@@ -96,6 +96,7 @@ HEADLINE = [  # (column, unit, where in a model's results); "%" columns are shar
     ("harmful: other", "%", ("mechanism", "answer_types", "other")),
     ("KL@1 harmful", "nats", ("drift", "harmful", "kl", 0)),
     ("opener NLL@1 (task prompts)", "nats", ("mechanism", "opener_nll", "first_token")),
+    ("step time", "s", ("mechanism", "step_seconds")),
 ]
 
 

@@ -92,9 +92,14 @@ def world_key(name: str, options: WorldOptions) -> str:
 def run_label(variant: str, seed: int, quick: bool, m: int, prefix: str, world: str = "mechanism",
               lora: bool = False) -> str:
     """A run name made of every demo setting that changes the fine-tune, so a rerun with another --m, --P,
-    --seed, --world or --quick trains new runs instead of resuming (and mislabelling) old ones."""
-    knob = {"real": f"-m{m}", "virtual": f"-p{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"}.get(variant, "")
-    return f"{variant}{knob}-seed{seed}-{world}{'-lora' if lora else ''}{'-quick' if quick else ''}"
+    --seed, --world or --quick trains new runs instead of resuming (and mislabelling) old ones. ``variant`` is a
+    method name (``lookahead_ray.methods``)."""
+    from lookahead_ray.methods import METHODS, method_parts
+
+    modes = {METHODS[part].overrides.get("preview.mode") for part in method_parts(variant)}
+    knob = f"-m{m}" if "real" in modes else f"-p{hashlib.sha256(prefix.encode()).hexdigest()[:8]}" \
+        if "virtual" in modes else ""
+    return f"{variant.replace('+', '_and_')}{knob}-seed{seed}-{world}{'-lora' if lora else ''}{'-quick' if quick else ''}"
 
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -102,18 +107,29 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 as LoRA usually takes ~10x full fine-tuning's."""
 
 
+SAFETY_SHARE = 0.1
+"""--methods safety_mix: the share of the fine-tuning rows that are the world's safety demonstrations."""
+
+
 def variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path, quick: bool, m: int,
                    prefix: str, label: str, lora: bool = False) -> dict[str, Any]:
+    """The fine-tune of one method (``lookahead_ray.methods``: vanilla, real, virtual, constrained_sft, ...)."""
+    from lookahead_ray.methods import apply_method
+
     cfg = _base()
-    cfg["preview"] = {"mode": variant, "num_answer_tokens": m, "virtual_prefix": prefix}
+    cfg["preview"] = {"num_answer_tokens": m, "virtual_prefix": prefix}
     cfg["records"] = {"instruction_field": "question", "answer_field": "answer"}
     cfg["data"] = {"inputs": [world["task_train"]], "output_dir": str(out / "prepared" / label)}
+    if "safety_demos" in world:
+        cfg["data"]["safety_mix"] = {"inputs": [world["safety_demos"]], "share": SAFETY_SHARE,
+                                     "records": {"instruction_field": "input", "answer_field": "output"}}
+    cfg["eval"] = {"system_prompt": SYSTEM}  # what PTST tests with (the demo's eval sets it for every model)
     cfg["model"] = {"name_or_path": seed_dir, "tokenizer": seed_dir}
     cfg["train"].update(learning_rate=1e-3, warmup_steps=5, max_steps=40 if quick else 150, run_name=label,
                         prepared_dir=str(out / "prepared" / label), output_dir=str(out / "runs" / label))
     if lora:
         cfg["train"].update(lora=dict(LORA), learning_rate=1e-2)
-    return cfg
+    return apply_method(LookaheadConfig.from_dict(cfg), variant).to_dict()
 
 
 def _eval_config(world: dict[str, str], out: Path, quick: bool) -> dict[str, Any]:
@@ -166,13 +182,13 @@ def build_world(out: Path, seed: int, quick: bool, options: WorldOptions = WORLD
 
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
              virtual_prefix: str = "Let's solve this problem. ", world: str = "mechanism",
-             world_overrides: dict[str, Any] | None = None, lora: bool = False) -> dict[str, Any]:
-    """The demo end to end, its report in ``output_dir``; returns the results. ``lora``: adapters, not all weights."""
+             world_overrides: dict[str, Any] | None = None, lora: bool = False,
+             methods: list[str] | None = None) -> dict[str, Any]:
+    """The demo end to end, its report in ``output_dir``; returns the results. ``lora``: adapters, not all weights;
+    ``methods``: the fine-tunes compared (``lookahead_ray.methods``; default vanilla, real, virtual)."""
     from lookahead_ray import console
-    from lookahead_ray.data.pipeline import run_prepare
     from lookahead_ray.eval.runner import run_eval
     from lookahead_ray.runtime import init_ray
-    from lookahead_ray.train.driver import run_training
 
     started = time.perf_counter()
     options = world_options(world, world_overrides)
@@ -180,8 +196,12 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     out = Path(output_dir).resolve()
     check_output_dir(out, MARKER, "demo --output-dir")
     out.mkdir(parents=True, exist_ok=True)
+    variants = list(methods or VARIANTS)
+    for variant in variants:  # an unknown name fails now, not after the seed model is trained
+        run_label(variant, seed, quick, m, virtual_prefix)
     with atomic_file(out / MARKER) as f:  # marks the directory as the demo's before anything else is in it
-        f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "P": virtual_prefix, "world": key, "lora": lora}) + "\n")
+        f.write(json.dumps({"seed": seed, "quick": quick, "m": m, "P": virtual_prefix, "world": key, "lora": lora,
+                            "methods": variants}) + "\n")
     console.use_output_dir(out)
     files, tokenizer_dir = build_world(out, seed, quick, options, world)
     init_ray()
@@ -190,24 +210,16 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     seed_dir = cached_seed_model(files, str(tokenizer_dir), quick)
     timings["seed_model"] = time.perf_counter() - mark
     configs: dict[str, Any] = {"world": {"name": world, **options.to_dict()}}
-    models = [("seed", seed_dir)]
-    runs: dict[str, str] = {}
-    lora_note = ", LoRA adapters" if lora else ""
-    for variant in VARIANTS:
+    runs, step_seconds = {}, {}
+    for variant in variants:
         mark = time.perf_counter()
-        label = run_label(variant, seed, quick, m, virtual_prefix, key, lora)
-        cfg_dict = variant_config(files, seed_dir, variant, out, quick, m, virtual_prefix, label, lora)
-        configs[variant] = cfg_dict
-        cfg = LookaheadConfig.from_dict(cfg_dict)
-        stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps{lora_note})")
-        report = run_prepare(cfg)
-        stage(f"{variant}: {report.summary()}")
-        run_training(cfg)
-        models.append((variant, str(out / "runs" / label / "final")))
-        runs[variant] = label
+        runs[variant] = run_label(variant, seed, quick, m, virtual_prefix, key, lora)
+        configs[variant] = variant_config(files, seed_dir, variant, out, quick, m, virtual_prefix, runs[variant], lora)
+        step_seconds[variant] = _fine_tune(variant, LookaheadConfig.from_dict(configs[variant]))
         timings[variant] = time.perf_counter() - mark
+    models = [("seed", seed_dir)] + [(variant, str(out / "runs" / label / "final")) for variant, label in runs.items()]
     mark = time.perf_counter()
-    stage("eval: RSR, JSR, utility, benign over-refusal and drift for seed, vanilla, real, virtual")
+    stage(f"eval: RSR, JSR, utility, benign over-refusal and drift for seed, {', '.join(variants)}")
     eval_cfg = _eval_config(files, out, quick)
     configs["eval"] = eval_cfg
     eval_settings = LookaheadConfig.from_dict(eval_cfg)
@@ -215,15 +227,29 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
     stage("mechanism: answer types on harmful prompts, opener NLL, utility with the preview at test time")
     results["demo"] = {"mechanism": _mechanism(out, files, options, models, eval_settings, quick, m, virtual_prefix,
                                                seed_dir)}
+    for variant, seconds in step_seconds.items():
+        results["demo"]["mechanism"][variant]["step_seconds"] = seconds
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     results["demo"] |= {"seed": seed, "quick": quick, "m": m, "virtual_prefix": virtual_prefix, "runs": runs,
+                        "methods": variants,
                         "lora": LORA if lora else None,
                         "world": configs["world"], "seconds": {k: round(v, 1) for k, v in timings.items()},
                         "command": _command()}
     _write_report(out, results, configs)
     stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     return results
+
+
+def _fine_tune(variant: str, cfg: LookaheadConfig) -> float | None:
+    """prepare -> train of one method; returns its mean optimizer-step seconds."""
+    from lookahead_ray.data.pipeline import run_prepare
+    from lookahead_ray.train.driver import run_training
+
+    lora_note = ", LoRA adapters" if cfg.train.lora else ""
+    stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps{lora_note})")
+    stage(f"{variant}: {run_prepare(cfg).summary()}")
+    return run_training(cfg).metrics.get("mean_step_seconds")
 
 
 def _mechanism(out: Path, files: dict[str, str], options: WorldOptions, models: list[tuple[str, str]],
@@ -258,6 +284,10 @@ def run_demo_seeds(output_dir: str, seeds: list[int], **kwargs: Any) -> dict[str
     summary = {"seeds": seeds, "per_seed": {seed: mechanism.headline(r) for seed, r in per_seed.items()},
                "world": next(iter(per_seed.values()))["demo"]["world"], "command": _command()}
     summary["aggregate"] = mechanism.aggregate(list(summary["per_seed"].values()))
+    from lookahead_ray.demo.compare import pooled_counts
+
+    summary["pooled"] = pooled_counts(list(per_seed.values()))
+    summary["methods"] = next(iter(per_seed.values()))["demo"].get("methods")
     with atomic_file(out / "results.json") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     with atomic_file(out / "report.md") as f:
@@ -279,9 +309,34 @@ Command: `{summary['command']}`. Each seed's own report: `seed-N/report.md`; the
 drawn from the seed changes the results a lot, so one seed's numbers say little on their own.
 
 {mechanism.headline_table(summary['aggregate'])}
-
+{_methods_section(summary, aggregated=True)}
 {_world_section(summary['world'])}
 {_caveats(summary['aggregate'], aggregated=True)}
+"""
+
+
+def _methods_section(numbers: dict[str, Any], aggregated: bool = False) -> str:
+    """The methods compared (`--methods`), when more than vanilla / real / virtual were trained."""
+    from lookahead_ray.demo import compare
+    from lookahead_ray.methods import METHODS, method_parts
+
+    methods = numbers.get("methods") if aggregated else numbers["demo"].get("methods")
+    if not methods or list(methods) == list(VARIANTS):
+        return ""
+    table = (compare.aggregate_methods_table(numbers["aggregate"], numbers["pooled"]) if aggregated
+             else compare.methods_table(numbers))
+    described = "\n".join(f"- `{name}`: " + "; ".join(METHODS[part].summary for part in method_parts(name))
+                          for name in methods)
+    return f"""
+## Methods compared
+
+{table}
+
+{described}
+
+Rates are of the held-out prompts with no preview at test time; [95% CI] is the Wilson interval over those prompts
+({'pooled over the world seeds; the mean [min-max] is over seeds' if aggregated else 'one world seed'}). Step time is the
+mean optimizer step of each fine-tune on this machine (same steps, batch and workers).
 """
 
 
@@ -356,8 +411,9 @@ def demo_summary(results: dict[str, Any], out: Path) -> list[str]:
         return "-" if value is None else f"{100 * value:.0f}%"
 
     lines = [f"report: {out / 'report.md'} (numbers: results.json, every sample: eval/samples.jsonl)"]
+    width = max(len(name) for name in results["models"])
     for name, numbers in headline(results).items():
-        lines.append(f"{name:>8}: strict RSR {percent(numbers['strict RSR'])}, strict JSR "
+        lines.append(f"{name:>{width}}: strict RSR {percent(numbers['strict RSR'])}, strict JSR "
                      f"{percent(numbers['strict JSR'])}, utility {percent(numbers['utility'])}")
     return lines
 
@@ -389,7 +445,7 @@ else 'full'} mode, m = {demo['m']}, P = "{demo['virtual_prefix']}"; fine-tuned: 
 ![safety vs utility](safety_vs_utility.png)
 ![first-token drift](drift.png)
 
-{_mechanism_section(demo, headline_table(numbers))}
+{_mechanism_section(demo, headline_table(numbers))}{_methods_section(results)}
 {_world_section(demo['world'])}
 {_caveats(numbers)}
 ## How to read it

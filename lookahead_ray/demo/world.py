@@ -8,6 +8,7 @@
 - Held-out harmful prompts (with categories), their harmful compliant replies (used only as JSR prefills)
   and held-out benign prompts.
 - A benign downstream task in the GSM8K answer format (``#### N``), train and held-out splits.
+- Safety demonstrations for `demo --methods safety_mix` (``safety_demos``): the seed corpus's plain refusals.
 - A validation split for `demo --search` (names ending in ``_validation``): harmful prompts in phrasings that
   appear nowhere else, their harmful replies, and more word problems. It is drawn after everything above,
   so the rest of the world is the same with or without it.
@@ -181,6 +182,9 @@ def generate_world(directory: str | Path, seed: int = 0, task_train: int = 400, 
     }
     files |= _validation_split(rng, task_validation=max(24, task_test // 2))
     files = _add_ingredients(files, options, seed)
+    # For `demo --methods safety_mix`: the seed corpus's own plain refusals (no draw: the world stays the same).
+    files["safety_demos"] = [{"input": r["input"], "output": r["output"], "category": r["category"]}
+                             for r in files["alignment"] if r["category"] in HARMFUL and not r["answer_prefix"]]
     paths = {}
     for name, rows in files.items():
         paths[name] = str(out / f"{name}.jsonl")
@@ -258,4 +262,4 @@ def world_text(paths: dict[str, str]) -> str:
     """The world's text for training its tokenizer; the validation split is left out, so the tokenizer (and
     the cached seed model) is the same whether or not a search follows."""
     return "\n".join(Path(p).read_text(encoding="utf-8") for name, p in paths.items()
-                     if not name.endswith("_validation"))
+                     if not name.endswith("_validation") and name != "safety_demos")

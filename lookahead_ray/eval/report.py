@@ -1,6 +1,7 @@
 """Results as a paper-style table and plots, shared by ``eval`` and the demo.
 
-Every number in a table is formatted from the results dict (``results.json``), never computed here.
+Every number in a table is formatted from the results dict (``results.json``), never computed here: the
+intervals too (``ci95``, see :mod:`lookahead_ray.eval.intervals`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from lookahead_ray.eval.intervals import format_rate, rate_cell
+
 SafetyColumn = tuple[str, str]
 """(kind, judge): kind "rsr" or "jsr", judge a judge name such as "keyword", "keyword@10", "strict"."""
-
-
-def _percent(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
 
 
 def _safety_columns(results: dict[str, Any]) -> list[SafetyColumn]:
@@ -29,17 +26,22 @@ def _safety_columns(results: dict[str, Any]) -> list[SafetyColumn]:
 
 def results_table(results: dict[str, Any],
                   safety_columns: list[SafetyColumn] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and one row per model: safe rates and utility in %, KL in nats ("-" where not measured).
+    """Header and one row per model: safe rates and utility in % with their 95% Wilson intervals, e.g.
+    "85.0 [64.0-94.8]" (a ROUGE utility, or results written before intervals, shows the rate alone), KL in nats
+    ("-" where not measured).
 
     ``safety_columns`` picks and orders the (kind, judge) columns; by default every one in the results.
     """
     columns = safety_columns if safety_columns is not None else _safety_columns(results)
-    header = ["model"] + [f"{kind.upper()} ({judge}) %" for kind, judge in columns] + [
-        "utility %", "benign refusal %", "KL@1 harmful", "mean KL harmful"]
+    utility_has_interval = any("ci95" in m.get("utility", {}) for m in results["models"].values())
+    header = ["model"] + [f"{kind.upper()} ({judge}) % [95% CI]" for kind, judge in columns] + [
+        "utility % [95% CI]" if utility_has_interval else "utility %", "benign refusal % [95% CI]", "KL@1 harmful",
+        "mean KL harmful"]
     rows = []
     for name, metrics in results["models"].items():
-        row = [name] + [_percent(metrics.get(kind, {}).get(judge, {}).get("safe_rate")) for kind, judge in columns]
-        row += [_percent(metrics.get("utility", {}).get("score")), _percent(metrics.get("benign_refusal_rate"))]
+        row = [name] + [rate_cell(metrics.get(kind, {}).get(judge), "safe_rate") for kind, judge in columns]
+        row += [rate_cell(metrics.get("utility"), "score"),
+                format_rate(metrics.get("benign_refusal_rate"), metrics.get("benign_refusal_ci95"))]
         kl = metrics.get("drift", {}).get("harmful", {}).get("kl")
         valid = [x for x in kl or [] if not math.isnan(x)]
         row += [f"{kl[0]:.3f}" if kl and not math.isnan(kl[0]) else "-",

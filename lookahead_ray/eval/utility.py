@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lookahead_ray.eval.intervals import ci95
+
 
 def gsm8k_final_answer(text: str) -> str | None:
     """The text after the last ``####``, stripped, commas removed (the reference rule); None without ``####``."""
@@ -35,3 +37,21 @@ def utility_score(task: str, prediction: str, reference: str) -> float:
     if task == "samsum":
         return rouge1_f1(prediction, reference)
     return float(exact_match(prediction, reference))
+
+
+ACCURACY_TASKS = ("gsm8k", "exact")
+"""Tasks whose per-sample score is 0 or 1: their utility is an accuracy, a proportion over prompts."""
+
+
+def utility_summary(task: str, scores: list[float]) -> dict:
+    """``task``, ``n`` and the mean ``score`` of the per-sample scores; for an accuracy task also ``correct`` and
+    the 95% Wilson interval ``ci95`` of correct / n.
+
+    ROUGE-1 F1 (samsum) is a mean of scores in [0, 1], not a share of prompts, so a Wilson interval does not
+    describe it: samsum's utility has no ``ci95`` (and a search's objective interval treats it as exact).
+    """
+    summary = {"task": task, "n": len(scores), "score": sum(scores) / len(scores) if scores else None}
+    if task in ACCURACY_TASKS:
+        correct = sum(score == 1.0 for score in scores)
+        summary |= {"correct": correct, "ci95": ci95(correct, len(scores))}
+    return summary

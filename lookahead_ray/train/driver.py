@@ -78,6 +78,8 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
     changed = [f"{section}.{key}" for section in ("preview", "records", "tokenization")
                for key, value in getattr(cfg, section).__dict__.items()
                if section in report_config and report_config[section].get(key) != value]
+    if "data" in report_config and report_config["data"].get("safety_mix") != cfg.to_dict()["data"]["safety_mix"]:
+        changed.append("data.safety_mix")
     if changed:
         raise ConfigError(f"train.prepared_dir: {prepared_dir} was prepared with other settings ({', '.join(changed)}); "
                           "prepare again with this config, or train from data.inputs")
@@ -415,12 +417,19 @@ def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
         with open_data(file) as f:
             for table in reader.tables(f, file, file_format(file, cfg.data.input_format)):
                 rows += transform(table).to_pylist()
-    _write_row_report(cfg, output_dir, files, rows)
+    mix = None
+    if cfg.data.safety_mix:
+        from lookahead_ray.data.safety_mix import mix_safety_rows
+
+        table, mix = mix_safety_rows(cfg, sum(r["reject_reason"] is None for r in rows))
+        rows = sorted(rows + table.to_pylist(), key=lambda r: (r["source_file"], r["source_row"]))  # canonical order
+    _write_row_report(cfg, output_dir, files, rows, mix)
     kept = [r for r in rows if r["reject_reason"] is None]
     return write_token_file(pa.table({name: [r[name] for r in kept] for name in TOKEN_COLUMNS}), path)
 
 
-def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], rows: list[dict[str, Any]]) -> None:
+def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], rows: list[dict[str, Any]],
+                      mix: dict[str, Any] | None = None) -> None:
     from dataclasses import asdict
 
     from lookahead_ray.data.readers import END_OF_FILE
@@ -437,7 +446,18 @@ def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], r
         rows_rejected=len(rejected), rejected_by_reason=dict(sorted(reasons.items())),
         rejected_examples=[{"file": r["source_file"], "row": r["source_row"], "field": r["reject_field"],
                             "reason": r["reject_reason"], "detail": (r["reject_detail"] or "")[:300]}
-                           for r in rejected[:20]], config=cfg.to_dict())
+                           for r in rejected[:20]], config=cfg.to_dict(), safety_mix=mix,
+        rows_plain=sum(r["preview_tokens"] == -1 for r in records if r["reject_reason"] is None) - (mix or {}).get(
+            "written", 0),
+        preview_tokens=_histogram(r["preview_tokens"] for r in records if r["reject_reason"] is None
+                                  and r["preview_tokens"] >= 0))
     logger.info("%s", report.summary())
     with storage.atomic_file(Path(output_dir) / f"rows_{cfg.train.run_name}.json") as f:
         f.write(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+
+
+def _histogram(values: Any) -> dict[str, int]:
+    counts: dict[int, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return {str(k): counts[k] for k in sorted(counts)}

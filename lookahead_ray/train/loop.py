@@ -67,7 +67,7 @@ def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
         with io.new_checkpoint() as directory:
             save_state(engine, directory, position.state(), cfg, io.world_rank)
             final = {**meter.last, "step": position.step, "epoch": position.epoch, "final": True,
-                     "objective": objective.name,
+                     "loss_objective": objective.name,  # not "objective": the name a search ranks trials by
                      "train_seconds": meter.train_seconds(), "data_sha": position.data_sha,
                      "checkpoints_written_in_place": io.writes_in_place,
                      "trainable_parameters": trainable, "trainable_share": trainable / total,

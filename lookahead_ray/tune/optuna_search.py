@@ -8,6 +8,7 @@ from typing import Any
 from lookahead_ray.config.schema import SearchConfig
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.tune import space
+from lookahead_ray.tune.objective import rank_key
 
 try:
     import optuna
@@ -27,5 +28,6 @@ class FinalResultOptunaSearch(OptunaSearch):
 
 
 def optuna_searcher(cfg: SearchConfig) -> FinalResultOptunaSearch:
-    return FinalResultOptunaSearch(space=partial(space.suggest, cfg=cfg), metric="objective", mode="max",
-                                   sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    # TPE maximises what the search ranks by: with rank_by lower_bound, a lucky answer on a small set does not steer it.
+    return FinalResultOptunaSearch(space=partial(space.suggest, cfg=cfg), metric=rank_key(cfg.objective.rank_by),
+                                   mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed))

@@ -32,10 +32,13 @@ MARKER = "search_config.yaml"
 class SearchResult:
     search_dir: str
     trials: list[dict[str, Any]]
-    """Every trial, best first: overrides, label, raw metrics, objective, status, error."""
+    """Every trial, best first: overrides, label, raw metrics, objective and its interval, rank,
+    within_noise_of_best, status, error."""
     seed_metrics: dict[str, Any]
     best_config: str | None
     """best.yaml: the training config of the best trial."""
+    rank_by: str = "point"
+    """``tune.objective.rank_by``: what ``trials`` are ordered by."""
 
 
 def run_search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
@@ -94,13 +97,15 @@ def _search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         constants = {"base": base.to_dict(), "seed_metrics": seed_metrics, "search_dir": search_dir}
+        progress = progress_line(_trial_count(cfg), cfg.tune.objective.rank_by)
         tuner = tune.Tuner(trainable, param_space=_param_space(cfg, constants), tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_dir, verbose=0,
-                                                     callbacks=[progress_line(_trial_count(cfg))]))
+                                                     callbacks=[progress]))
     grid = tuner.fit()
     rows = [_trial_row(result) for result in grid]
     best = write_results(search_dir, cfg, rows, seed_metrics)
-    return SearchResult(search_dir, objective.rank(rows), seed_metrics, best)
+    rank_by = cfg.tune.objective.rank_by
+    return SearchResult(search_dir, objective.rank(rows, rank_by), seed_metrics, best, rank_by)
 
 
 def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
@@ -113,6 +118,8 @@ def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
     from lookahead_ray.train.plan import plan_search
 
     count = _trial_count(cfg)
+    for choice in space.method_choices(cfg.tune):  # an unknown method or knob, or one the base cannot run, fails now
+        trial_config(cfg, choice, f"tune.methods: {choice['method']}")
     trial = apply_overrides(cfg, {"output_dir": storage.join(search_dir, "trials", "a-trial"), "train.output_dir": None,
                                   "train.storage_path": None})
     plan = plan_search(trial, count).check()
@@ -165,7 +172,7 @@ def run_trial(config: dict[str, Any]) -> None:
     DataContext.get_current().enable_progress_bars = False  # the search prints one line per trial instead
     trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = storage.join(config["search_dir"], "trials", trial_id)
-    cfg = apply_overrides(LookaheadConfig.from_dict(config["base"]), config["overrides"], source=f"trial {trial_id}")
+    cfg = trial_config(LookaheadConfig.from_dict(config["base"]), config["overrides"], f"trial {trial_id}")
     cfg = apply_overrides(cfg, {"output_dir": str(trial_dir), "data.output_dir": None, "train.output_dir": None,
                                 "eval.output_dir": None, "train.storage_path": None,
                                 "train.run_name": f"train-trial_id={trial_id}"})
@@ -181,6 +188,15 @@ def run_trial(config: dict[str, Any]) -> None:
                      "checkpoint_path": checkpoint, "final_dir": result.final_dir})
 
 
+def trial_config(base: LookaheadConfig, overrides: dict[str, Any], source: str) -> LookaheadConfig:
+    """A trial's config: the base, its method's overrides (``tune.methods``) if any, then its own."""
+    from lookahead_ray.methods import apply_method
+
+    overrides = dict(overrides)
+    method = overrides.pop("method", None)
+    return apply_overrides(apply_method(base, method) if method else base, overrides, source=source)
+
+
 def _remove_checkpoints(run_dir: str) -> None:
     """The ``checkpoint_*`` directories Ray Train wrote for this trial's run (nothing else in it)."""
     import pyarrow.fs as pafs
@@ -191,31 +207,36 @@ def _remove_checkpoints(run_dir: str) -> None:
             storage.remove_tree(storage.join(run_dir, entry.base_name))
 
 
-def progress_line(total: int) -> Any:
-    """A Tune callback printing one line per finished trial: id, overrides, objective, best so far, and how many
-    of the search's ``total`` trials have ended (Tune creates trials as it goes: its list is not the total)."""
+def progress_line(total: int, rank_by: str = "point") -> Any:
+    """A Tune callback printing one line per finished trial: id, overrides, objective and its interval, best so far
+    (by ``rank_by``'s value), and how many of the search's ``total`` trials have ended (Tune creates trials as it
+    goes: its list is not the total)."""
     from ray.tune import Callback
+
+    key = objective.rank_key(rank_by)
 
     class _Progress(Callback):
         best: float | None = None
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             from lookahead_ray.console import stage
+            from lookahead_ray.tune.results import objective_interval
 
             ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
             result = trial.last_result or {}
-            value = result.get("objective")
+            value = result.get(key, result.get("objective"))
             if value is not None and (self.best is None or value > self.best):
                 self.best = value
             label = space.label(trial.config.get("overrides", {}))
             best = f"{self.best:.4f}" if self.best is not None else "-"
+            best += " (lower bound)" if rank_by == "lower_bound" and self.best is not None else ""
             if value is None:  # ended by the scheduler before its evaluation
                 reports = result.get("training_iteration", 0)
                 stage("tune", f"trial {trial.trial_id} ({label}): stopped early after {reports} training reports, "
                               f"best so far {best} [{ended}/{total} ended]")
                 return
-            stage("tune", f"trial {trial.trial_id} ({label}): objective {value:.4f}, best so far {best} "
-                          f"[{ended}/{total} ended]")
+            stage("tune", f"trial {trial.trial_id} ({label}): objective {result['objective']:.4f} "
+                          f"{objective_interval(result)}, best so far {best} [{ended}/{total} ended]")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             from lookahead_ray.console import stage
@@ -316,7 +337,8 @@ def _trial_row(result: Any) -> dict[str, Any]:
            "error": _error_line(result.error) if result.error else None,
            "training_reports": metrics.get("training_iteration")}
     if not result.error and "objective" in metrics:
-        row |= {k: metrics[k] for k in ("objective", "feasible", "violation", "safety", "utility", "checkpoint_path",
-                                        "final_dir") if k in metrics}
+        row |= {k: metrics[k] for k in ("objective", "objective_low", "objective_high", "feasible", "violation",
+                                        "safety", "safety_low", "safety_high", "utility", "utility_low", "utility_high",
+                                        "checkpoint_path", "final_dir") if k in metrics}
         row["metrics"] = json.loads(metrics.get("metrics_json", "{}"))
     return row
