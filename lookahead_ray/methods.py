@@ -60,27 +60,61 @@ def method_parts(name: str) -> list[str]:
     return parts
 
 
+NEUTRAL: dict[str, Any] = {"train.constrained": None, "data.safety_mix": None, "preview.mix_plain_share": 0.0,
+                           "preview.adaptive_nll_threshold": None}
+"""Method-owned settings a method not named leaves off, so "real" on a base that sets any of them is still real."""
+
+
 def apply_method(cfg: LookaheadConfig, name: str) -> LookaheadConfig:
-    """``cfg`` with the method's overrides applied (a new config).
+    """``cfg`` with the method's overrides applied (a new config). Settings of methods not named are turned off
+    (``NEUTRAL``); a method's own settings in ``cfg`` are kept (train.constrained's beta, a mix share, a threshold),
+    else its defaults apply.
 
     Raises:
-        ConfigError: an unknown method, or one the config cannot run (safety_mix without data.safety_mix, ptst
+        ConfigError: an unknown method, parts that set the same key differently ("real+virtual"), or a method the
+            config cannot run (safety_mix without data.safety_mix, ptst without a training system prompt to drop or
             without eval.system_prompt), in one line naming the key to set.
     """
     parts = method_parts(name)
     overrides: dict[str, Any] = {}
     for part in parts:
-        overrides |= METHODS[part].overrides
+        for key, value in METHODS[part].overrides.items():
+            if key in overrides and overrides[key] != value:
+                raise ConfigError(f"method {name!r}: its parts set {key} to {overrides[key]!r} and {value!r}; "
+                                  "combine methods that change different settings")
+            overrides[key] = value
     overrides.setdefault("preview.mode", "vanilla")
+    _check_runnable(cfg, name, parts)
+    current = cfg.to_dict()
+    for key, neutral in NEUTRAL.items():
+        section, field_name = key.split(".")
+        kept = current[section][field_name]
+        if key in overrides and kept not in (None, 0.0):  # the base's own settings of a named method win
+            overrides[key] = kept
+        overrides.setdefault(key, neutral)
+    if "safety_mix" in parts:
+        overrides.pop("data.safety_mix", None)
+    return apply_overrides(cfg, overrides, f"method {name}")
+
+
+def _check_runnable(cfg: LookaheadConfig, name: str, parts: list[str]) -> None:
     if "safety_mix" in parts and cfg.data.safety_mix is None:
         raise ConfigError(f"method {name!r}: set data.safety_mix.inputs to a file of safety demonstrations "
                           "(harmful request -> refusal)")
+    if "ptst" in parts and not cfg.tokenization.system_prompt:
+        raise ConfigError(f"method {name!r}: set tokenization.system_prompt to the safety system prompt PTST trains "
+                          "without (unset, training would not change)")
     if "ptst" in parts and not cfg.eval.system_prompt:
         raise ConfigError(f"method {name!r}: set eval.system_prompt to the safety system prompt the model is tested "
                           "with (PTST trains without it)")
-    if "safety_mix" not in parts and cfg.data.safety_mix is not None:
-        overrides["data.safety_mix"] = None  # the other methods compare on the task data alone
-    return apply_overrides(cfg, overrides, f"method {name}")
+
+
+def trial_config(base: LookaheadConfig, overrides: dict[str, Any], source: str) -> LookaheadConfig:
+    """A search trial's config: the base, its method's overrides (``{"method": name}``, ``tune.methods``) if any, then
+    the trial's own."""
+    overrides = dict(overrides)
+    method = overrides.pop("method", None)
+    return apply_overrides(apply_method(base, method) if method else base, overrides, source=source)
 
 
 def method_table() -> str:

@@ -14,7 +14,8 @@ PURE = ["lookahead_ray", "lookahead_ray.errors", "lookahead_ray.config", "lookah
         "lookahead_ray.train", "lookahead_ray.train.deepspeed_config", "lookahead_ray.train.data_order",
         "lookahead_ray.train.run_guard", "lookahead_ray.tune", "lookahead_ray.tune.objective",
         "lookahead_ray.tune.space", "lookahead_ray.eval", "lookahead_ray.eval.safety", "lookahead_ray.eval.intervals",
-        "lookahead_ray.eval.utility", "lookahead_ray.demo", "lookahead_ray.demo.world", "lookahead_ray.cli"]
+        "lookahead_ray.eval.utility", "lookahead_ray.demo", "lookahead_ray.demo.world", "lookahead_ray.demo.compare",
+        "lookahead_ray.methods", "lookahead_ray.data.adaptive", "lookahead_ray.data.safety_mix", "lookahead_ray.cli"]
 HEAVY = ["ray", "torch", "transformers", "deepspeed"]
 MAX_FUNCTION_LINES = 60
 LONG_MARK = "# long:"  # a function may exceed the limit when this comment says why

@@ -8,8 +8,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lookahead_ray.config import (DataConfig, LookaheadConfig, ModelConfig, PreviewConfig, RecordConfig,
-                                  SafetyMixConfig, TinyModelConfig)
+from lookahead_ray.config import (
+    DataConfig,
+    LookaheadConfig,
+    ModelConfig,
+    PreviewConfig,
+    RecordConfig,
+    SafetyMixConfig,
+    TinyModelConfig,
+)
 from lookahead_ray.config.schema import ConfigError
 from lookahead_ray.data.adaptive import SeedOpeningScorer, adaptive_preview_length
 from lookahead_ray.data.preview import AnswerPreviewer, keeps_plain, preview_records
@@ -187,3 +194,34 @@ def test_the_single_process_path_mixes_and_counts_the_same_way(tmp_path, tiny_to
     plain = sum(keeps_plain(f"task.jsonl:{i}", 0.5, 0) for i in range(1, 41))
     assert len(store) == 50 and report["rows_written"] == 50 and report["safety_mix"]["written"] == 10
     assert report["rows_plain"] == plain and report["preview_tokens"] == {"4": 40 - plain}
+
+
+def test_methods_turn_off_what_they_do_not_name_and_keep_their_own_settings(tmp_path):
+    from lookahead_ray.config import apply_overrides
+    from lookahead_ray.data.preview_file import run_preview_file
+    from lookahead_ray.methods import apply_method, trial_config
+
+    base = apply_overrides(LookaheadConfig(), {
+        "train.constrained": {"beta": 0.5}, "preview.mix_plain_share": 0.3, "tokenization.system_prompt": "Be safe.",
+        "eval.system_prompt": "Be safe.", "data.safety_mix": {"inputs": ["refusals.jsonl"], "share": 0.2}})
+    real = apply_method(base, "real")
+    assert (real.preview.mode, real.train.constrained, real.preview.mix_plain_share, real.data.safety_mix) == (
+        "real", None, 0.0, None)
+    assert real.tokenization.system_prompt == "Be safe."
+    assert apply_method(base, "constrained_sft").train.constrained.beta == 0.5  # the base's own setting
+    assert apply_method(LookaheadConfig(), "constrained_sft").train.constrained.beta == 0.1  # else the authors'
+    assert apply_method(base, "mixed_preview").preview.mix_plain_share == 0.3
+    mixed = apply_method(base, "real+safety_mix")
+    assert mixed.data.safety_mix.share == 0.2 and mixed.preview.mode == "real" and mixed.train.constrained is None
+    ptst = trial_config(base, {"method": "ptst", "train.epochs": 2}, "test")
+    assert ptst.tokenization.system_prompt is None and ptst.eval.system_prompt == "Be safe." and ptst.train.epochs == 2
+    with pytest.raises(ConfigError, match="its parts set preview.mode to 'real' and 'virtual'"):
+        apply_method(base, "real+virtual")
+    with pytest.raises(ConfigError, match="set tokenization.system_prompt"):
+        apply_method(LookaheadConfig(), "ptst")
+    with pytest.raises(ConfigError, match="set data.safety_mix.inputs"):
+        apply_method(LookaheadConfig(), "safety_mix")
+    source = _write_jsonl(tmp_path / "in.jsonl", _rows(3))
+    with pytest.raises(ConfigError, match="apply in `prepare` and `train`"):
+        run_preview_file(apply_overrides(LookaheadConfig(), {"preview.mix_plain_share": 0.5}), source,
+                         str(tmp_path / "out.jsonl"), "jsonl", "jsonl")

@@ -172,13 +172,14 @@ def test_lora_rank_and_learning_rate_are_searched_beside_m_and_p():
 
 
 def test_methods_are_trials_of_their_own_with_their_knobs(tmp_path):
-    from lookahead_ray.tune.search import _plan, trial_config
+    from lookahead_ray.methods import trial_config
+    from lookahead_ray.tune.search import _plan
     from lookahead_ray.tune.space import label
 
     base = load_config(REPO / "configs" / "tune_tiny_cpu.yaml", [
         "tune.modes=[real]", "tune.m=[6]", "tune.methods=[constrained_sft, mixed_preview, real+ptst]",
         "tune.method_knobs={constrained_sft: {train.constrained.beta: [0.1, 0.5]}}", "tune.learning_rates=[1.0e-3]",
-        "eval.system_prompt=Be safe."])
+        "eval.system_prompt=Be safe.", "tokenization.system_prompt=Be safe."])
     grid = trials(base.tune)
     assert [label(t) for t in grid] == ["real m=6 lr=0.001", "constrained_sft train.constrained.beta=0.1 lr=0.001",
                                         "constrained_sft train.constrained.beta=0.5 lr=0.001",
@@ -191,10 +192,17 @@ def test_methods_are_trials_of_their_own_with_their_knobs(tmp_path):
     _plan(base, str(tmp_path / "search"))  # every method trial can run on this base
     with pytest.raises(ConfigError, match="set data.safety_mix.inputs"):
         _plan(load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.methods=[safety_mix]"]), str(tmp_path / "s"))
-    with pytest.raises(ConfigError, match="'nope' unknown"):
-        _plan(load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.methods=[real+nope]"]), str(tmp_path / "s"))
     with pytest.raises(ConfigError, match="tune.method_knobs names methods not in tune.methods"):
         load_config(None, ["tune.method_knobs={ptst: {train.epochs: [1]}}"])
+    with pytest.raises(ConfigError, match="tune.method_knobs.ptst.train.epochs is empty"):
+        load_config(None, ["tune.methods=[ptst]", "tune.method_knobs={ptst: {train.epochs: []}}"])
+    with pytest.raises(ConfigError, match="tune.methods: method 'nope'"):
+        load_config(None, ["tune.methods=[nope]"])
+    with pytest.raises(ConfigError, match="asha compares training losses"):
+        load_config(None, ["tune.methods=[ptst]", "tune.early_stopping.kind=asha"])
+    with pytest.raises(ConfigError, match="set model.liger_kernel=false|liger"):
+        _plan(load_config(REPO / "configs" / "tune_tiny_cpu.yaml", ["tune.methods=[constrained_sft]",
+                                                                    "model.liger_kernel=true"]), str(tmp_path / "s"))
 
 
 def test_optuna_space_asks_each_mode_only_its_own_knob():

@@ -550,6 +550,22 @@ class SearchConfig:
         if set(self.method_knobs) - set(self.methods):
             raise ConfigError(f"tune.method_knobs names methods not in tune.methods: "
                               f"{sorted(set(self.method_knobs) - set(self.methods))}")
+        if self.methods:
+            from lookahead_ray.methods import method_parts  # here: methods builds on this module
+
+            for name in self.methods:
+                try:
+                    method_parts(name)
+                except ConfigError as error:
+                    raise ConfigError(f"tune.methods: {error}") from None
+        for name, knobs in self.method_knobs.items():
+            empty = [key for key, values in knobs.items() if not values]
+            if empty:
+                raise ConfigError(f"tune.method_knobs.{name}.{empty[0]} is empty: list the values to try")
+        if self.methods and self.early_stopping.kind == "asha":
+            raise ConfigError("tune.early_stopping: asha compares training losses, which the methods do not share "
+                              "(constrained SFT's is weighted, safety rows and previews change the data); set "
+                              "tune.early_stopping.kind=none with tune.methods")
         if any(r < 1 for r in self.lora_ranks):
             raise ConfigError(f"tune.lora_ranks must be >= 1, got {self.lora_ranks}")
         if self.num_samples < 1 or self.cpus_per_trial <= 0:

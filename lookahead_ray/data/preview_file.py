@@ -165,6 +165,9 @@ def run_preview_file(cfg: LookaheadConfig, input_file: str, output_file: str, in
     """
     if not storage.is_file(input_file):
         raise FileNotFoundError(f"input file not found: {input_file}")
+    if cfg.preview.mix_plain_share or cfg.preview.adaptive_nll_threshold is not None:
+        raise ConfigError("preview.mix_plain_share and preview.adaptive_nll_threshold apply in `prepare` and `train` "
+                          "(they need row keys and the seed model), not in `preview`; unset them here")
     if storage.absolute(output_file) == storage.absolute(input_file):
         raise ConfigError(f"--output_file: {output_file} is the input file; write the preview somewhere else")
     if storage.is_dir(output_file):

@@ -15,22 +15,28 @@ from lookahead_ray.eval.intervals import wilson_interval
 RATES = [("strict RSR", ("rsr", "strict")), ("strict JSR", ("jsr", "strict")), ("utility", ("utility",))]
 
 
-def rate_counts(metrics: dict[str, Any], path: tuple[str, ...]) -> tuple[int, int] | None:
-    """(successes, prompts) of one rate in a model's eval results (None when not measured)."""
+def _rate_node(metrics: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
     node: Any = metrics
     for key in path:
         node = node.get(key) if isinstance(node, dict) else None
-    if not isinstance(node, dict):
+    return node if isinstance(node, dict) else None
+
+
+def rate_counts(metrics: dict[str, Any], path: tuple[str, ...]) -> tuple[int, int] | None:
+    """(successes, prompts) of one rate that eval gave an interval (a share of prompts; a ROUGE score is not one)."""
+    node = _rate_node(metrics, path)
+    if node is None or "ci95" not in node:
         return None
     rate, n = node.get("safe_rate", node.get("score")), node.get("n")
-    return (round(rate * n), n) if isinstance(rate, (int, float)) and n else None
+    return (node["correct"] if "correct" in node else round(rate * n), n) if isinstance(rate, (int, float)) and n \
+        else None
 
 
-def _rate_cell(counts: tuple[int, int] | None) -> str:
-    if counts is None:
-        return "-"
-    low, high = wilson_interval(*counts)
-    return f"{100 * counts[0] / counts[1]:.1f} [{100 * low:.1f}-{100 * high:.1f}]"
+def _rate_cell(metrics: dict[str, Any], path: tuple[str, ...]) -> str:
+    from lookahead_ray.eval.intervals import rate_cell
+
+    node = _rate_node(metrics, path)
+    return "-" if node is None else rate_cell(node)
 
 
 def _cost_cell(seconds: float | None, baseline: float | None) -> str:
@@ -49,7 +55,7 @@ def methods_table(results: dict[str, Any]) -> str:
     for model, metrics in results["models"].items():
         kl = (metrics.get("drift", {}).get("harmful", {}).get("kl") or [None])[0]
         task = (mechanism.get(model, {}).get("answer_types") or {}).get("task")
-        cells = [_rate_cell(rate_counts(metrics, path)) for _, path in RATES]
+        cells = [_rate_cell(metrics, path) for _, path in RATES]
         cells += ["-" if kl is None else f"{kl:.2f}", "-" if task is None else f"{100 * task:.1f}",
                   _cost_cell(mechanism.get(model, {}).get("step_seconds"), baseline)]
         lines.append("| " + " | ".join([model] + cells) + " |")

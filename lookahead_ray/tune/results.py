@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from lookahead_ray import storage
-from lookahead_ray.config import LookaheadConfig, apply_overrides
+from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.eval.intervals import format_rate
+from lookahead_ray.methods import trial_config
 from lookahead_ray.tune import objective
 
 COLUMNS = ["rank", "trial_id", "label", "status", "objective", "objective_low", "objective_high",
@@ -205,7 +206,7 @@ def spread_labels(fig: Any, labels: list[Any]) -> list[Any]:
 
 
 def _write_best(path: str, cfg: LookaheadConfig, best: dict[str, Any], ranked: list[dict[str, Any]]) -> str:
-    trained = apply_overrides(cfg, best["overrides"]).to_dict()
+    trained = trial_config(cfg, best["overrides"], "the best trial").to_dict()
     trained.pop("tune")
     trained["output_dir"] = None
     trained["data"]["output_dir"] = trained["train"]["output_dir"] = trained["eval"]["output_dir"] = None

@@ -21,6 +21,7 @@ from typing import Any
 from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig, apply_overrides
 from lookahead_ray.errors import ConfigError
+from lookahead_ray.methods import trial_config
 from lookahead_ray.tune import objective, space
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,11 @@ def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
     from lookahead_ray.train.plan import plan_search
 
     count = _trial_count(cfg)
-    for choice in space.method_choices(cfg.tune):  # an unknown method or knob, or one the base cannot run, fails now
-        trial_config(cfg, choice, f"tune.methods: {choice['method']}")
     trial = apply_overrides(cfg, {"output_dir": storage.join(search_dir, "trials", "a-trial"), "train.output_dir": None,
                                   "train.storage_path": None})
+    # A method the base cannot run, or whose trials cannot (Liger with constrained SFT, its reference's memory), fails now.
+    for choice in space.method_choices(cfg.tune):
+        plan_search(trial_config(trial, choice, f"tune.methods: {choice['method']}"), count).check()
     plan = plan_search(trial, count).check()
     for warning in plan.warnings:
         logger.warning("%s", warning)
@@ -186,15 +188,6 @@ def run_trial(config: dict[str, Any]) -> None:
         checkpoint = "(removed: tune.keep_trial_checkpoints is false)"
     ray.tune.report({**scored, "label": space.label(config["overrides"]), "metrics_json": json.dumps(metrics),
                      "checkpoint_path": checkpoint, "final_dir": result.final_dir})
-
-
-def trial_config(base: LookaheadConfig, overrides: dict[str, Any], source: str) -> LookaheadConfig:
-    """A trial's config: the base, its method's overrides (``tune.methods``) if any, then its own."""
-    from lookahead_ray.methods import apply_method
-
-    overrides = dict(overrides)
-    method = overrides.pop("method", None)
-    return apply_overrides(apply_method(base, method) if method else base, overrides, source=source)
 
 
 def _remove_checkpoints(run_dir: str) -> None:
