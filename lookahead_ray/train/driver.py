@@ -75,9 +75,10 @@ def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
         raise ConfigError(f"train.prepared_dir: {prepared_dir}/{REPORT_NAME} records no tokenizer (prepared without "
                           "tokenization, or by an older lookahead-ray); run `prepare` again")
     report_config = read_report(prepared_dir).get("config", {})
+    defaults = LookaheadConfig().to_dict()  # a key the report lacks (an older prepare) had its default
     changed = [f"{section}.{key}" for section in ("preview", "records", "tokenization")
-               for key, value in getattr(cfg, section).__dict__.items()
-               if section in report_config and report_config[section].get(key) != value]
+               for key, value in cfg.to_dict()[section].items()
+               if section in report_config and report_config[section].get(key, defaults[section][key]) != value]
     if "data" in report_config and report_config["data"].get("safety_mix") != cfg.to_dict()["data"]["safety_mix"]:
         changed.append("data.safety_mix")
     if changed:
