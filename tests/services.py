@@ -55,7 +55,10 @@ class S3Server:
     """moto_server on a free port; ``env`` is what a client needs (pyarrow and Ray read it)."""
 
     def __init__(self, port: int, log: Path):
-        binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        # The server installed beside this Python first: another moto_server on PATH (a system-wide, older moto)
+        # may not speak the S3 protocol pyarrow's SDK speaks.
+        beside = Path(sys.executable).parent / "moto_server"
+        binary = str(beside) if beside.exists() else shutil.which("moto_server") or str(beside)
         self.port, self.endpoint = port, f"http://127.0.0.1:{port}"
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=self.log,

@@ -276,6 +276,26 @@ def test_tiny_search_runs_keeps_failed_trials_resumes_and_writes_a_trainable_bes
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_search_over_methods_trains_each_and_writes_the_winners_config(ray_local, tmp_path):
+    from lookahead_ray.cli import main
+    from lookahead_ray.config import load_config
+
+    out = tmp_path / "methods"
+    assert main(["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
+                 "tune.modes=[]", "tune.methods=[constrained_sft, mixed_preview]",
+                 "tune.method_knobs={mixed_preview: {preview.mix_plain_share: [0.25]}}"]) == 0
+    with open(out / "trials.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"constrained_sft", "mixed_preview preview.mix_plain_share=0.25"}
+    assert {r["status"] for r in rows.values()} == {"done"}
+    results = {json.loads(p.read_text())["loss_objective"] for p in out.glob("trials/*/train/train_result.json")}
+    assert results == {"constrained_sft", "sft"}
+    best = load_config(out / "best.yaml")  # the winner's config, its method applied, loads as a training config
+    assert best.train.constrained is not None or best.preview.mix_plain_share == 0.25
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_trial_that_cannot_get_its_workers_fails_fast_with_the_reason(ray_local, tmp_path, capsys):
     from lookahead_ray.cli import main
