@@ -207,8 +207,9 @@ def test_config_mistakes_name_the_command_line_or_the_file_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lookahead_ray", *command], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 2 and console_lines(result) == [
-        "lookahead-ray prepare: error: override preview.mdoe=...: unknown key 'mdoe' in preview (known: connector, "
-        "exact_span, mode, num_answer_tokens, virtual_prefix)"]
+        "lookahead-ray prepare: error: override preview.mdoe=...: unknown key 'mdoe' in preview (known: "
+        "adaptive_nll_threshold, connector, exact_span, mix_plain_share, mix_seed, mode, num_answer_tokens, "
+        "virtual_prefix)"]
     assert main(_preview_args(data, tmp_path)) == 2  # the output names a directory
     broken = tmp_path / "broken.yaml"
     broken.write_text("preview:\n  mode: real\n num_answer_tokens: [\n")
