@@ -42,7 +42,7 @@ class PrepareRecords:
         if self.cfg.preview.adaptive_nll_threshold is not None:
             from lookahead_ray.data.adaptive import SeedOpeningScorer
 
-            self.opening_encoder = ExampleTokenizer(tokenizer, self.cfg.tokenization, self.schema)
+            self.opening_encoder = self.encoder or ExampleTokenizer(tokenizer, self.cfg.tokenization, self.schema)
             self.scorer = SeedOpeningScorer.for_config(self.cfg, tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

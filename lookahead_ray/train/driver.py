@@ -458,7 +458,7 @@ def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], r
 
 
 def _histogram(values: Any) -> dict[str, int]:
-    counts: dict[int, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return {str(k): counts[k] for k in sorted(counts)}
+    """{value: count} with string keys in ascending order (as prepare_report.json's ``preview_tokens``)."""
+    from collections import Counter
+
+    return {str(k): n for k, n in sorted(Counter(values).items())}
