@@ -120,8 +120,9 @@ def main() -> None:
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
         size = sum(p.stat().st_size for p in model_dir.iterdir()) / 2**20
         print(f"model: {parameters / 1e9:.2f} B parameters, {size:,.0f} MiB on disk (bf16 safetensors)")
-        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        from lookahead_ray.runtime import init_ray
+
+        init_ray(num_cpus=2, env_vars={"PYTHONPATH": str(REPO)}, log_to_driver=False)  # or joins RAY_ADDRESS
         results = {name: run(stage, str(model_dir), Path(scratch, name), loader)
                    for name, stage, loader in (("ZeRO-2", 2, "lookahead"), ("ZeRO-3", 3, "lookahead"),
                                                ("ZeRO-3 via transformers", 3, "transformers"))}

@@ -170,8 +170,9 @@ def run_variant(variant: str, src: Path, tok: Path, out: Path) -> dict:
 
             from lookahead_ray.config import load_config
             from lookahead_ray.data.pipeline import run_prepare
+            from lookahead_ray.runtime import init_ray
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            init_ray(num_cpus=2, log_to_driver=False)  # or joins RAY_ADDRESS
             DataContext.get_current().enable_progress_bars = False
             from lookahead_ray.config import apply_overrides
             from lookahead_ray.prompts import LLAMA2_CHAT_TEMPLATE

@@ -35,11 +35,12 @@ def main() -> None:
 
     from lookahead_ray.config import apply_overrides, load_config
     from lookahead_ray.eval.runner import run_eval
+    from lookahead_ray.runtime import init_ray
     from lookahead_ray.train.driver import run_training
     from lookahead_ray.tune.search import run_search
     from lookahead_ray.tune.space import trials
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)  # or joins RAY_ADDRESS
     DataContext.get_current().enable_progress_bars = False
     modes = ["vanilla", "real", "virtual"][: args.trials] if args.trials <= 3 else ["real"]
     overrides = [f"tune.output_dir={out / 'search'}", f"tune.modes=[{', '.join(modes)}]", "tune.m=[2]"]

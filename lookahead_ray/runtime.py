@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -47,26 +48,71 @@ def _init_local(ray: Any, num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
-def check_resources(need: dict[str, float], key: str, what: str) -> None:
-    """Fail before starting work that needs more CPUs or GPUs than a local Ray has: it would wait for them
-    forever. A cluster joined through RAY_ADDRESS may autoscale, so there the bounded worker-group start
-    timeout is the guard instead.
+def check_resources(need: dict[str, float], key: str, what: str, *, bundles: list[dict[str, float]] | None = None,
+                    wait_s: float = 0.0) -> None:
+    """Fail before starting work that needs more CPUs or GPUs than the cluster has: it would wait for them forever
+    (Ray Train retries a worker group that cannot start, Ray Data waits for its actors).
+
+    ``need`` is the total; ``bundles`` (one per worker), when given, must also each fit on one node. A local Ray
+    cannot grow, so there the check fails at once. A cluster joined through ``RAY_ADDRESS`` may autoscale: it gets
+    ``wait_s`` seconds (``cluster.resource_wait_s``) to offer them, while the autoscaler is asked for them and the
+    console says what is awaited.
 
     Raises:
-        ConfigError: names ``key`` (what to change), what is needed and what Ray reports.
+        ConfigError: names ``key`` (what to change), what is needed and what the cluster has.
     """
-    import ray
-
     from lookahead_ray.errors import ConfigError
 
-    if os.environ.get("RAY_ADDRESS"):
+    short = _shortfall(need, bundles)
+    if short is None:
         return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"{key}: {what} needs {short[0]} but this Ray has {short[1]}; lower it so the work can be "
+                          "scheduled instead of waiting forever")
+    logger.warning("waiting up to %g s for the cluster to offer %s for %s (it has %s)", wait_s, short[0], key, short[1])
+    _request_from_autoscaler(bundles or [need])
+    try:
+        deadline = time.monotonic() + wait_s
+        while short is not None and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            short = _shortfall(need, bundles)
+    finally:
+        _request_from_autoscaler([])
+    if short is not None:
+        raise ConfigError(f"{key}: {what} needs {short[0]} but the cluster has {short[1]} after {wait_s:g} s of "
+                          "waiting; lower it, or raise cluster.resource_wait_s where the cluster autoscales")
+
+
+def _shortfall(need: dict[str, float], bundles: list[dict[str, float]] | None) -> tuple[str, str] | None:
+    """None when the cluster's nodes hold ``need`` and every bundle fits on one node, else (what is asked, what the
+    cluster has), e.g. ("3 CPU", "2")."""
+    import ray
+
     have = ray.cluster_resources()
     for resource, amount in need.items():
-        if amount > have.get(resource, 0.0):
-            raise ConfigError(f"{key}: {what} needs {amount:g} {resource} but this Ray has "
-                              f"{have.get(resource, 0.0):g}; lower it so the work can be scheduled instead of "
-                              "waiting forever")
+        if amount > have.get(resource, 0.0) + 1e-9:
+            return f"{amount:g} {resource}", f"{have.get(resource, 0.0):g}"
+    if not bundles:
+        return None
+    # First fit, largest first, into the nodes' totals: a worker's resources all come from one node.
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True):
+        node = next((n for n in nodes if all(n.get(r, 0.0) + 1e-9 >= a for r, a in bundle.items())), None)
+        if node is None:
+            each = ", ".join(f"{a:g} {r}" for r, a in bundle.items())
+            return f"{len(bundles)} x ({each}), each on one node", f"{len(nodes)} node(s), the largest with {largest:g} CPU"
+        for r, a in bundle.items():
+            node[r] = node.get(r, 0.0) - a
+    return None
+
+
+def _request_from_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask an autoscaling cluster for ``bundles`` (an empty list withdraws the request); nothing without one."""
+    with contextlib.suppress(Exception):
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
 
 
 def check_visible_on_every_node(outputs: dict[str, str], inputs: dict[str, str]) -> None:

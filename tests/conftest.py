@@ -7,9 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ray_hygiene import ray_left_as_found  # noqa: F401  (autouse: every Ray test leaves Ray as it found it)
 from services import free_port
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Set, not defaulted: the suite starts its own Ray instances and must not join (or need the token of) a cluster a
+# developer's shell points at.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # The S3 API server's address is fixed before any Ray starts, so every Ray worker of the session (the shared local
 # Ray's, a test cluster's) inherits the endpoint and the test credentials; the server starts only when a test asks
@@ -62,11 +66,11 @@ def mistral_tokenizer(mistral_tokenizer_dir):
 def ray_local():
     """A real local Ray with 2 CPUs (like CI), shared by every Ray test of the session."""
     ray = pytest.importorskip("ray")
-    from ray.data import DataContext
+    from ray_hygiene import start_session_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    DataContext.get_current().enable_progress_bars = False
+    # The dashboard serves Ray's state API, which the leak check after each test (ray_hygiene) reads.
+    start_session_ray(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                      log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 

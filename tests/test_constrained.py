@@ -270,7 +270,7 @@ def test_constrained_sft_on_two_workers_trains_and_exports(ray_local, tmp_path, 
     result = run_training(_cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'seed'}",
                                "model.tokenizer=null", f"train.zero_stage={stage}", "train.precision=fp32",
                                "train.constrained={}", f"train.packing={'true' if packing else 'false'}",
-                               "train.max_steps=8", "train.report_every_steps=4"))
+                               "train.max_steps=8", "train.report_every_steps=8"))
     metrics = result.metrics
     assert metrics["loss_objective"] == "constrained_sft" and metrics["step"] == 8
     assert math.isfinite(metrics["loss"]) and metrics["loss"] < 0.9 * metrics["initial_loss"]
@@ -287,7 +287,7 @@ def test_constrained_sft_trains_lora_adapters_against_the_base_on_two_workers(ra
     result = run_training(_cfg(tmp_path, "train.precision=fp32", "train.constrained={}",
                                "train.lora={r: 8, alpha: 16, dropout: 0.0}", "train.learning_rate=1.0e-2",
                                "train.lr_schedule=constant", "train.warmup_steps=0", "train.max_steps=8",
-                               "train.report_every_steps=4"))
+                               "train.report_every_steps=8"))
     metrics = result.metrics
     assert metrics["loss_objective"] == "constrained_sft" and metrics["trainable_share"] < 0.5
     assert math.isfinite(metrics["loss"]) and metrics["loss"] < 0.9 * metrics["initial_loss"]

@@ -140,23 +140,38 @@ def test_headline_numbers_and_their_aggregate_over_seeds():
     assert "| vanilla | 50.0 [25.0-75.0] |" in headline_table(both)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_path, demo_cache):
-    """Run as a user runs it: the CLI in its own process (joined to the session's Ray), console captured; every
-    compared method (``--methods all``) trains, and the methods table is formatted from results.json."""
+DEMO_METHODS = ("vanilla", "real", "virtual", "safety_mix")
+"""The quick demo's fine-tunes in the tests: the three variants and one compared method, which makes the report's
+methods table. The other methods are checked on their data and config below (``test_each_compared_methods_...``);
+constrained SFT's training in test_constrained; the table of all eight comes from the demo command itself."""
+
+
+@pytest.fixture(scope="session")
+def quick_demo(ray_local, tmp_path_factory, demo_cache):
+    """`demo --quick --seed 3 --methods vanilla,real,virtual,safety_mix`, run once as a user runs it: the CLI in its
+    own process (joined to the session's Ray), console captured. Returns (output directory, the finished process)."""
     import os
     import subprocess
     import sys
 
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    env = {**os.environ, "LOOKAHEAD_RAY_CACHE": str(demo_cache), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--methods",
+                          ",".join(DEMO_METHODS), "--output-dir", str(out)], env=env, capture_output=True, text=True,
+                         timeout=1500)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return out, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_demo_end_to_end_report_numbers_come_from_results(quick_demo):
+    """Every number of the report is formatted from its results.json; the console is short; the methods table
+    covers what was compared."""
     from lookahead_ray.demo.run import SAFETY_COLUMNS
     from lookahead_ray.eval.report import results_table
 
-    out = tmp_path / "demo"
-    env = {**os.environ, "LOOKAHEAD_RAY_CACHE": str(demo_cache), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--methods", "all",
-                          "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=1700)
-    assert run.returncode == 0, run.stderr[-5000:]
+    out, run = quick_demo
     # The console: stage lines and a summary naming the report, at most 60 lines; Ray's output in the log file.
     console_lines = (run.stdout + run.stderr).splitlines()
     assert len(console_lines) <= 60, "\n".join(console_lines)
@@ -169,9 +184,8 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     saved = json.loads((out / "results.json").read_text())
-    from lookahead_ray.methods import METHODS
 
-    assert list(saved["models"]) == ["seed", *METHODS]
+    assert list(saved["models"]) == ["seed", *DEMO_METHODS]
     for name in ("safety_vs_utility.png", "drift.png", "demo_config.yaml", "eval/samples.jsonl"):
         assert (out / name).stat().st_size > 0
     # The table in the report is exactly the one formatted from results.json, row by row.
@@ -204,6 +218,7 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(ray_local, tmp_p
     assert all(mechanism[m]["opener_nll"]["first_token"] > 0 for m in ("seed", "vanilla", "real", "virtual"))
     previewed = [json.loads(x)["question"] for x in open(out / "world" / "task_test_real_preview.jsonl")]
     assert all(" The answer begins with: Sure" in q for q in previewed)  # the real preview of the opened answers
+    assert saved["config"]["eval"]["system_prompt"] == "You are a helpful assistant."  # what PTST is tested with
     _check_methods(out, saved, report)
 
 
@@ -219,14 +234,91 @@ def _check_methods(out: Path, saved: dict, report: str) -> None:
     runs = saved["demo"]["runs"]
     reports = {m: json.loads((out / "prepared" / runs[m] / "prepare_report.json").read_text()) for m in runs}
     assert reports["safety_mix"]["safety_mix"]["written"] == round(0.1 / 0.9 * 200)  # the world's refusals, 10%
+    assert all(saved["demo"]["mechanism"][m]["step_seconds"] > 0 for m in runs)
+
+
+def _demo_world(directory: Path) -> dict[str, str]:
+    """The quick demo's world (seed 3), generated again: the same files, byte for byte (the world is deterministic)."""
+    from lookahead_ray.demo.world import WORLDS
+
+    return generate_world(directory, seed=3, task_train=200, options=WORLDS["mechanism"])
+
+
+def _seed_model(demo_cache: Path) -> str:
+    (final,) = (demo_cache / "demo").glob("seed-*/final")  # the quick demo's cached seed model
+    return str(final)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the quick demo (a session fixture) may run first here
+def test_each_compared_methods_demo_config_prepares_the_data_it_should(quick_demo, ray_local, demo_cache, tmp_path):
+    """The methods the quick demo above does not train, on its world and seed model: each method's demo config and
+    the data its prepare step writes (rows previewed, mixed, left plain; the system prompt trained with)."""
+    from lookahead_ray.config import ConstrainedSFTConfig, LookaheadConfig
+    from lookahead_ray.data.pipeline import run_prepare
+    from lookahead_ray.demo.run import run_label, variant_config
+
+    out, _ = quick_demo
+    world = _demo_world(tmp_path / "world")
+    for name in ("task_train", "safety_demos"):
+        assert Path(world[name]).read_text() == (out / "world" / Path(world[name]).name).read_text()
+    seed_dir = _seed_model(demo_cache)
+    prefix = "Let's solve this problem. "
+
+    def config(method: str) -> LookaheadConfig:
+        label = run_label(method, 3, True, 6, prefix)
+        return LookaheadConfig.from_dict(variant_config(world, seed_dir, method, tmp_path, True, 6, prefix, label))
+
+    constrained = config("constrained_sft")
+    assert constrained.train.constrained == ConstrainedSFTConfig() and constrained.preview.mode == "vanilla"
+    reports = {}
+    for method in ("mixed_preview", "adaptive_preview", "ptst"):
+        cfg = config(method)
+        run_prepare(cfg)
+        reports[method] = json.loads((Path(cfg.data.output_dir) / "prepare_report.json").read_text())
     assert reports["mixed_preview"]["rows_plain"] + reports["mixed_preview"]["preview_tokens"]["6"] == 200
     assert 0 < reports["mixed_preview"]["rows_plain"] < 200
     assert set(reports["adaptive_preview"]["preview_tokens"]) <= {str(k) for k in range(1, 7)}
     assert reports["ptst"]["config"]["tokenization"]["system_prompt"] is None  # trained without, tested with it
-    assert saved["config"]["eval"]["system_prompt"] == "You are a helpful assistant."
-    trained = json.loads((out / "runs" / runs["constrained_sft"] / "train_result.json").read_text())
-    assert trained["loss_objective"] == "constrained_sft"
-    assert all(saved["demo"]["mechanism"][m]["step_seconds"] > 0 for m in runs)
+    assert config("ptst").eval.system_prompt == "You are a helpful assistant."
+    for report in reports.values():
+        assert report["rows_read"] == report["rows_written"] == 200 and report["rows_rejected"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the quick demo (a session fixture) may run first here
+def test_the_lora_demo_trains_adapters_and_its_report_says_so(quick_demo, tmp_path):
+    """`demo --lora`'s fine-tunes are LoRA runs of their own (never the full fine-tunes' runs resumed), and the
+    report it writes names the adapters; its tables are formatted from its results. (LoRA training itself, 2
+    workers under ZeRO-2 and ZeRO-3, adapters exported and reloaded: test_lora.)"""
+    import shutil
+
+    from lookahead_ray.demo.run import LORA, SAFETY_COLUMNS, _write_report, run_label, variant_config
+    from lookahead_ray.eval.report import results_table
+
+    out, _ = quick_demo
+    world = _demo_world(tmp_path / "world")
+    prefix = "Let's solve this problem. "
+    assert LORA == {"r": 16, "alpha": 32, "dropout": 0.0}
+    for variant in ("vanilla", "real", "virtual"):
+        label = run_label(variant, 3, True, 6, prefix, lora=True)
+        cfg = variant_config(world, "/seed", variant, tmp_path, True, 6, prefix, label, lora=True)
+        assert {k: cfg["train"]["lora"][k] for k in LORA} == LORA
+        assert cfg["train"]["learning_rate"] == 1e-2 and cfg["train"]["run_name"] == label
+    assert run_label("real", 3, True, 6, prefix, lora=True) == "real-m6-seed3-mechanism-lora-quick"
+
+    lora = tmp_path / "demo-lora"
+    shutil.copytree(out / "eval", lora / "eval")
+    saved = json.loads((out / "results.json").read_text())
+    saved["demo"]["lora"] = LORA
+    _write_report(lora, saved, {"demo": "configs as run"})
+    report = (lora / "report.md").read_text()
+    assert report.startswith("# lookahead-ray demo: vanilla vs real vs virtual preview (LoRA)")
+    assert "fine-tuned: LoRA adapters (rank 16, alpha 32, every projection) on the frozen seed model" in report
+    table = [line for line in report.split("## The mechanism")[0].splitlines()
+             if line.startswith("| ") and not line.startswith("| model")]
+    assert table == ["| " + " | ".join(row) + " |" for row in results_table(saved, SAFETY_COLUMNS)[1]]
+    assert json.loads((lora / "results.json").read_text())["demo"]["lora"] == LORA
 
 
 @pytest.mark.slow
@@ -260,30 +352,3 @@ def test_world_overrides_and_seed_lists_are_checked_before_any_work(tmp_path, ca
         assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # nothing written
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_quick_demo_with_lora_trains_the_three_variants_as_adapters(ray_local, tmp_path, monkeypatch, demo_cache):
-    from lookahead_ray.cli import main
-    from lookahead_ray.demo.run import SAFETY_COLUMNS
-    from lookahead_ray.eval.report import results_table
-
-    monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))  # the seed model of the quick demo above
-    out = tmp_path / "demo-lora"
-    assert main(["demo", "--quick", "--lora", "--seed", "3", "--output-dir", str(out)]) == 0
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["demo"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0}
-    runs = saved["demo"]["runs"]
-    assert runs["real"] == "real-m6-seed3-mechanism-lora-quick"  # never resumes the full fine-tunes' runs
-    for variant in ("vanilla", "real", "virtual"):
-        run = out / "runs" / runs[variant]
-        assert (run / "final" / "adapter" / "adapter_config.json").exists()
-        metrics = json.loads((run / "train_result.json").read_text())
-        assert 0 < metrics["trainable_share"] < 0.5 and metrics["export_check_passed"] is True
-    report = (out / "report.md").read_text()
-    assert report.startswith("# lookahead-ray demo: vanilla vs real vs virtual preview (LoRA)")
-    assert "fine-tuned: LoRA adapters (rank 16, alpha 32, every projection) on the frozen seed model" in report
-    table = [line for line in report.split("## The mechanism")[0].splitlines()
-             if line.startswith("| ") and not line.startswith("| model")]
-    assert table == ["| " + " | ".join(row) + " |" for row in results_table(saved, SAFETY_COLUMNS)[1]]

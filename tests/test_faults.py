@@ -271,7 +271,7 @@ def test_ctrl_c_and_a_kill_right_after_a_checkpoint_resume_from_the_newest_compl
     data = _write_rows(tmp_path / "train.jsonl")
     run_dir = tmp_path / "run" / "stopped"
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"data.inputs=[{data}]",
-            f"train.output_dir={tmp_path / 'run'}", "train.run_name=stopped", "train.max_steps=60",
+            f"train.output_dir={tmp_path / 'run'}", "train.run_name=stopped", "train.max_steps=28",
             "train.checkpoint_every_steps=4", "train.keep_checkpoints=3", "train.warmup_steps=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
 
@@ -306,8 +306,8 @@ def test_ctrl_c_and_a_kill_right_after_a_checkpoint_resume_from_the_newest_compl
     out, err = third.communicate(timeout=400)
     assert third.returncode == 0, err
     result = json.loads((tmp_path / "run" / "train_result.json").read_text())
-    assert result["step"] == 60 and result["resumed_from_step"] == newest.step  # not one complete step lost
-    assert result["data_sha"] == _expected_data_sha(tmp_path / "run" / "prepared_stopped", steps=60, world_size=2,
+    assert result["step"] == 28 and result["resumed_from_step"] == newest.step  # not one complete step lost
+    assert result["data_sha"] == _expected_data_sha(tmp_path / "run" / "prepared_stopped", steps=28, world_size=2,
                                                     micro_batch_size=4, seed=0)
     assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()
                 and not list(p.glob("complete-rank*.json"))]

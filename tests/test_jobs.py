@@ -85,7 +85,8 @@ def _free_port() -> int:
 
 
 def _start_head(tmp_path_factory, auth_mode: str, token: str | None = None):
-    """`ray start --head --block` in its own process group: stopping it stops this head and nothing else."""
+    """`ray start --head --block` (2 CPUs) in its own process group: stopping it stops this head and nothing else.
+    Returns the process, the dashboard's URL (jobs) and the GCS address (RAY_ADDRESS)."""
     temp_dir = tmp_path_factory.mktemp("head")
     head_env = {**os.environ, "RAY_AUTH_MODE": auth_mode,
                 # the cluster's python is this environment's (an image's, on a real cluster)
@@ -104,7 +105,7 @@ def _start_head(tmp_path_factory, auth_mode: str, token: str | None = None):
         [ray_cli, "start", "--head", "--block", *ports, "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    address, gcs = f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{ports[0].split('=')[1]}"
     deadline = time.monotonic() + 120
     import requests
 
@@ -116,7 +117,7 @@ def _start_head(tmp_path_factory, auth_mode: str, token: str | None = None):
         except requests.ConnectionError:
             assert time.monotonic() < deadline, "the head's dashboard did not come up in 120 s"
             time.sleep(1)
-    return process, address
+    return process, address, gcs
 
 
 def _stop_head(process) -> None:
@@ -127,8 +128,11 @@ def _stop_head(process) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    process, address = _start_head(tmp_path_factory, os.environ.get("RAY_AUTH_MODE", "disabled"))
-    yield address
+    """A 2-CPU Ray head: ``dashboard`` for jobs, ``gcs`` for RAY_ADDRESS."""
+    import types
+
+    process, address, gcs = _start_head(tmp_path_factory, os.environ.get("RAY_AUTH_MODE", "disabled"))
+    yield types.SimpleNamespace(dashboard=address, gcs=gcs)
     _stop_head(process)
 
 
@@ -138,7 +142,8 @@ def test_submit_follows_a_prepare_job_to_success_and_a_failing_job_exits_non_zer
     from lookahead_ray.cli import main
 
     out = tmp_path / "prepared"
-    argv = ["submit", "--address", ray_head, "--working-dir", str(REPO), "--no-pip", "--submission-id", "ok-prepare",
+    argv = ["submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--no-pip",
+            "--submission-id", "ok-prepare",
             "--", "prepare", "--config", "configs/sample_prepare.yaml", f"data.output_dir={out}"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
@@ -147,12 +152,13 @@ def test_submit_follows_a_prepare_job_to_success_and_a_failing_job_exits_non_zer
     report = json.loads((out / "prepare_report.json").read_text())  # the job ran on the head and wrote it
     assert report["rows_written"] > 0 and report["rows_rejected"] == 0
 
-    argv = ["submit", "--address", ray_head, "--working-dir", str(REPO), "--no-pip", "--submission-id", "bad-prepare",
+    argv = ["submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--no-pip",
+            "--submission-id", "bad-prepare",
             "--", "prepare", "--config", "configs/sample_prepare.yaml", "data.inputs=[/nonexistent/rows.jsonl]"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "job bad-prepare: FAILED" in err and "last log lines" in err and "/nonexistent/rows.jsonl" in err
-    assert main(["jobs", "logs", "ok-prepare", "--address", ray_head]) == 0
+    assert main(["jobs", "logs", "ok-prepare", "--address", ray_head.dashboard]) == 0
     assert "rows" in capsys.readouterr().out
 
 
@@ -161,18 +167,18 @@ def test_submit_follows_a_prepare_job_to_success_and_a_failing_job_exits_non_zer
 def test_no_wait_then_status_list_and_stop(ray_head, tmp_path, capsys):
     from lookahead_ray.cli import main
 
-    argv = ["submit", "--address", ray_head, "--working-dir", str(REPO), "--no-pip", "--no-wait",
+    argv = ["submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--no-pip", "--no-wait",
             "--submission-id", "long-demo", "--", "demo", "--quick", "--output-dir", str(tmp_path / "demo")]
     assert main(argv) == 0
     assert "lookahead-ray jobs logs long-demo --follow" in capsys.readouterr().out
-    assert main(["jobs", "status", "long-demo", "--address", ray_head]) == 0
+    assert main(["jobs", "status", "long-demo", "--address", ray_head.dashboard]) == 0
     assert capsys.readouterr().out.split(": ")[1].strip() in {"PENDING", "RUNNING"}
-    assert main(["jobs", "list", "--address", ray_head]) == 0
+    assert main(["jobs", "list", "--address", ray_head.dashboard]) == 0
     assert "long-demo" in capsys.readouterr().out
-    assert main(["jobs", "stop", "long-demo", "--address", ray_head]) == 0
+    assert main(["jobs", "stop", "long-demo", "--address", ray_head.dashboard]) == 0
     from lookahead_ray.jobs.submit import connect, wait_for_end
 
-    assert wait_for_end(connect(ray_head), "long-demo", timeout_s=60) == "STOPPED"
+    assert wait_for_end(connect(ray_head.dashboard), "long-demo", timeout_s=60) == "STOPPED"
 
 
 def test_bad_addresses_and_commands_are_one_line_errors(capsys):
@@ -199,7 +205,7 @@ def test_missing_job_sdk_says_what_to_install(monkeypatch, capsys):
 def test_token_cluster_without_the_token_is_a_clear_error_and_with_it_works(tmp_path_factory, monkeypatch, capsys):
     from lookahead_ray.cli import main
 
-    process, address = _start_head(tmp_path_factory, "token", token="s3cr3t-token-for-the-test-head-0123456789")
+    process, address, _ = _start_head(tmp_path_factory, "token", token="s3cr3t-token-for-the-test-head-0123456789")
     try:
         monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.ray/auth_token
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
@@ -214,3 +220,50 @@ def test_token_cluster_without_the_token_is_a_clear_error_and_with_it_works(tmp_
         assert "no jobs" in capsys.readouterr().out
     finally:
         _stop_head(process)
+
+
+STARVED_BOUND_S = 60.0
+"""A starved command's whole run: Python and Ray start-up (~10-20 s here) plus cluster.resource_wait_s."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_train_tune_and_eval_asking_more_than_a_joined_cluster_has_end_in_seconds_with_one_line(ray_head, tmp_path):
+    """Joined through RAY_ADDRESS (as a Ray Job's entrypoint is) to a head with 2 CPUs that cannot grow: each
+    command says it waits, then ends non-zero within the bound with one line naming what it asked for and what the
+    cluster has."""
+    from lookahead_ray.config import load_config
+    from lookahead_ray.modeling import build_model, tokenizer_for
+
+    tiny = load_config(REPO / "configs" / "tiny_cpu.yaml")
+    tokenizer = tokenizer_for(tiny.model)
+    build_model(tiny.model, tokenizer, seed=0).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    configs = REPO / "configs"
+    cases = {
+        "train": (["--config", str(configs / "tiny_cpu.yaml"), "train.num_workers=3", "train.cpus_per_worker=1"],
+                  15, "train.num_workers / train.cpus_per_worker / train.use_gpu: 3 worker(s) x 1 CPU needs 3 CPU but "
+                      "the cluster has 2 after 15 s of waiting"),
+        "tune": (["--config", str(configs / "tune_tiny_cpu.yaml"), "tune.modes=[vanilla]", "train.num_workers=2",
+                  "train.cpus_per_worker=1", "cluster.resource_wait_s=4"],
+                 4, "a trial (0.5 CPU) with 2 worker(s) x 1 CPU needs 2.5 CPU but the cluster has 2 after 4 s"),
+        "eval": (["--config", str(configs / "eval_tiny_cpu.yaml"), "--model", str(tmp_path / "model"),
+                  "eval.num_actors=1", "eval.cpus_per_actor=3", "cluster.resource_wait_s=4"],
+                 4, "eval.num_actors / eval.cpus_per_actor / eval.gpus_per_actor: 1 generation actor(s) x 3 CPU needs "
+                    "3 CPU but the cluster has 2 after 4 s of waiting"),
+    }
+    env = {**os.environ, "RAY_ADDRESS": ray_head.gcs, "PYTHONPATH": str(REPO)}
+    for command, (args, wait_s, expected) in cases.items():
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "lookahead_ray", command, *args, "--output-dir",
+                                 str(tmp_path / command)], env=env, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - started
+        lines = [line for line in (result.stdout + result.stderr).splitlines()
+                 if line.startswith("lookahead-ray") or "waiting up to" in line]
+        assert result.returncode == 2, (command, result.stderr[-3000:])
+        assert seconds < STARVED_BOUND_S, (command, seconds)
+        assert seconds >= wait_s, (command, seconds)  # it did wait for the cluster to grow
+        assert any(f"waiting up to {wait_s} s for the cluster to offer" in line for line in lines), lines
+        errors = [line for line in lines if line.startswith(f"lookahead-ray {command}: error: ")]
+        assert len(errors) == 1 and expected in errors[0], (command, lines)
+        assert "raise cluster.resource_wait_s where the cluster autoscales" in errors[0]

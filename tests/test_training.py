@@ -30,7 +30,9 @@ def _cfg(tmp_path: Path, *overrides: str):
     data = _write_rows(tmp_path / "train.jsonl")
     return load_config(REPO / "configs" / "tiny_cpu.yaml", [
         f"data.inputs=[{data}]", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=16",
-        "train.report_every_steps=8", "train.checkpoint_every_steps=0", "train.warmup_steps=2", *overrides])
+        # One report, at the end: each is a barrier of the workers (~2.5 s of a 2-core run); mid-run reports are
+        # tested where they matter (the killed-worker resume, checkpoints every few steps, ASHA).
+        "train.report_every_steps=16", "train.checkpoint_every_steps=0", "train.warmup_steps=2", *overrides])
 
 
 def _check_export(result, precision: str) -> None:
@@ -54,10 +56,20 @@ def _check_export(result, precision: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
-def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_path, stage, precision):
+def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path_and_export_a_reloadable_model(
+        ray_local, tmp_path, stage, precision):
+    """The branch a real run takes: a model saved with save_pretrained and loaded by every worker through
+    model.name_or_path (under ZeRO-3 each rank reads only its partition while loading: train.zero3_loading); the
+    loss falls, the export reloads with the engine's logits and the checkpoint costs what the dry run said."""
+    from lookahead_ray.modeling import build_model, tokenizer_for
     from lookahead_ray.train.driver import run_training
 
-    cfg = _cfg(tmp_path, f"train.zero_stage={stage}", f"train.precision={precision}")
+    tiny = _cfg(tmp_path)
+    tokenizer = tokenizer_for(tiny.model)
+    build_model(tiny.model, tokenizer, seed=0).save_pretrained(tmp_path / "seed")
+    tokenizer.save_pretrained(tmp_path / "seed")
+    cfg = _cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'seed'}", "model.tokenizer=null",
+               f"train.zero_stage={stage}", f"train.precision={precision}")
     result = run_training(cfg)
     metrics = result.metrics
     assert metrics["step"] == 16 and metrics["final"] is True
@@ -77,27 +89,6 @@ def test_two_worker_fit_lowers_loss_and_exports_reloadable_model(ray_local, tmp_
     assert shape.parameters == metrics["exported_parameters"]
     measured = sum(f.stat().st_size for f in (Path(result.checkpoint_dir) / "ds").rglob("*.pt"))
     assert abs(measured - checkpoint_bytes(shape.parameters, cfg.train)) <= 0.10 * measured, measured
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path(ray_local, tmp_path, stage):
-    """The branch a real run takes: a model saved with save_pretrained and loaded by every worker through
-    model.name_or_path (under ZeRO-3 each rank reads only its partition while loading: train.zero3_loading)."""
-    from lookahead_ray.modeling import build_model, tokenizer_for
-    from lookahead_ray.train.driver import run_training
-
-    tiny = _cfg(tmp_path)
-    tokenizer = tokenizer_for(tiny.model)
-    build_model(tiny.model, tokenizer, seed=0).save_pretrained(tmp_path / "seed")
-    tokenizer.save_pretrained(tmp_path / "seed")
-    result = run_training(_cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'seed'}",
-                               "model.tokenizer=null", f"train.zero_stage={stage}", "train.precision=fp32"))
-    metrics = result.metrics
-    assert metrics["step"] == 16 and metrics["loss"] < 0.8 * metrics["initial_loss"]
-    assert metrics["export_check_passed"] is True and metrics["param_dtype"] == "float32"
-    _check_export(result, "fp32")
 
 
 @pytest.mark.slow

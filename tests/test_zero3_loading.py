@@ -28,14 +28,25 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, train_dt
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import deepspeed
-    from safetensors.torch import load_file
 
-    from lookahead_ray.errors import ModelLoadError
     from lookahead_ray.train.loop import init_device
-    from lookahead_ray.train.zero3_loading import checkpoint_files, load_zero3_model
 
     init_device(use_gpu=False, world_size=world)  # as a Ray Train worker: no JIT build of DeepSpeed's CPU ops
     deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        _check_partition(rank, model_dir, out, train_dtype, world)
+    finally:  # a process exiting with gloo's threads alive can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _check_partition(rank: int, model_dir: str, out: str, train_dtype: str, world: int) -> None:
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from lookahead_ray.errors import ModelLoadError
+    from lookahead_ray.train.zero3_loading import checkpoint_files, load_zero3_model
+
     ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world,
                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": train_dtype == "bfloat16"}}
     dtype = getattr(torch, train_dtype)

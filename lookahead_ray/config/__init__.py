@@ -2,6 +2,7 @@
 
 from lookahead_ray.config.loader import apply_overrides, load_config, parse_overrides
 from lookahead_ray.config.schema import (
+    ClusterConfig,
     ConstrainedSFTConfig,
     DataConfig,
     EarlyStoppingConfig,
@@ -22,7 +23,7 @@ from lookahead_ray.config.schema import (
 )
 from lookahead_ray.errors import ConfigError
 
-__all__ = ["ConfigError", "ConstrainedSFTConfig", "DataConfig", "EarlyStoppingConfig", "EvalConfig", "JudgeConfig",
-           "LookaheadConfig", "LoraConfig", "ModelConfig", "ObjectiveConfig", "PreviewConfig", "PromptSetConfig",
-           "RecordConfig", "SafetyMixConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig", "TrainConfig",
-           "apply_overrides", "load_config", "parse_overrides"]
+__all__ = ["ClusterConfig", "ConfigError", "ConstrainedSFTConfig", "DataConfig", "EarlyStoppingConfig", "EvalConfig",
+           "JudgeConfig", "LookaheadConfig", "LoraConfig", "ModelConfig", "ObjectiveConfig", "PreviewConfig",
+           "PromptSetConfig", "RecordConfig", "SafetyMixConfig", "SearchConfig", "TinyModelConfig", "TokenizationConfig",
+           "TrainConfig", "apply_overrides", "load_config", "parse_overrides"]

@@ -572,6 +572,21 @@ class SearchConfig:
             raise ConfigError("tune.num_samples must be >= 1 and tune.cpus_per_trial > 0")
 
 
+@dataclass
+class ClusterConfig:
+    """How the commands treat the Ray cluster they run on."""
+
+    resource_wait_s: float = 15.0
+    """On a cluster joined through RAY_ADDRESS: how long prepare, train, eval and tune wait for it to offer the
+    CPUs and GPUs they ask for (its nodes' totals, each worker on one node) before failing in one line naming what
+    was asked and what it has. Raise it where the cluster autoscales (new nodes take minutes); meanwhile the
+    autoscaler is asked for the resources. A local Ray cannot grow: there the check fails at once."""
+
+    def __post_init__(self) -> None:
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"cluster.resource_wait_s must be >= 0, got {self.resource_wait_s}")
+
+
 STAGE_SUBDIRS = {"prepare": "prepared", "train": "train", "eval": "eval", "tune": "search"}
 
 
@@ -590,6 +605,7 @@ class LookaheadConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: SearchConfig = field(default_factory=SearchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

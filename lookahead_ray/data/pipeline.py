@@ -11,6 +11,7 @@ With ``data.on_error: fail`` (the default) the first bad row stops the run with 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import time
 import uuid
@@ -149,7 +150,8 @@ def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False
     check_resources({"CPU": cfg.data.num_actors * cfg.data.cpus_per_actor + READ_CPUS},
                     "data.num_actors x data.cpus_per_actor",
                     f"{cfg.data.num_actors} transform actor(s) x {cfg.data.cpus_per_actor:g} CPU plus {READ_CPUS} "
-                    "for reading")
+                    "for reading", bundles=[{"CPU": cfg.data.cpus_per_actor}] * cfg.data.num_actors,
+                    wait_s=cfg.cluster.resource_wait_s)
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(), accepted_tokens_only), batch_format="pyarrow",
                         batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_actor,
@@ -214,11 +216,18 @@ def _prepare(cfg: LookaheadConfig, locations_checked: bool = False) -> PrepareRe
     except BaseException as exc:
         storage.remove_tree(staging)  # a failed run leaves nothing that looks like output
         row_error = find_row_error(exc) if isinstance(exc, Exception) else None
-        if row_error is not None:
-            raise row_error.with_traceback(None) from None
-        raise
-    storage.publish_dir(staging, output, marker=REPORT_NAME)
-    return report
+        if row_error is None:
+            raise
+        failure = row_error.with_traceback(None)
+        failure.__context__ = failure.__cause__ = None
+    else:
+        storage.publish_dir(staging, output, marker=REPORT_NAME)
+        return report
+    # A failed execution keeps its actor pool (and the CPUs it holds) alive in a reference cycle through the
+    # exception until the next garbage collection: in a long-lived process (a Tune trial, the demo) collect it now.
+    del ds
+    gc.collect()
+    raise failure from None
 
 
 def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], staging: str, output: str,

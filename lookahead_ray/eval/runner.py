@@ -99,7 +99,7 @@ def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, 
         FileNotFoundError / RowError / ValueError: before any generation, for missing models or bad prompt sets.
     """
     from lookahead_ray import console
-    from lookahead_ray.runtime import check_visible_on_every_node, init_ray
+    from lookahead_ray.runtime import check_resources, check_visible_on_every_node, init_ray
 
     ev = cfg.eval
     output_dir = cfg.stage_dir("eval")
@@ -120,6 +120,11 @@ def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, 
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     console.use_output_dir(out)
     init_ray()
+    actor = {"CPU": ev.cpus_per_actor} | ({"GPU": ev.gpus_per_actor} if ev.gpus_per_actor else {})
+    check_resources({r: a * ev.num_actors for r, a in actor.items()}, "eval.num_actors / eval.cpus_per_actor / "
+                    "eval.gpus_per_actor", f"{ev.num_actors} generation actor(s) x {ev.cpus_per_actor:g} CPU"
+                    + (f" and {ev.gpus_per_actor:g} GPU" if ev.gpus_per_actor else ""), bundles=[actor] * ev.num_actors,
+                    wait_s=cfg.cluster.resource_wait_s)
     # The generation actors load each model on whichever node they run: every node must see it.
     check_visible_on_every_node({}, {f"--model {name}": model_marker(d) for name, d in models})
     settings = {"max_new_tokens": ev.max_new_tokens, "jsr_prefill_tokens": ev.jsr_prefill_tokens,

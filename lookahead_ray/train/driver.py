@@ -223,7 +223,8 @@ def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult
     finished = check_run(cfg, output_dir, run_dir=plan.run_dir)
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    check_resources(plan.resources, "train.num_workers / train.cpus_per_worker / train.use_gpu", plan.resource_line())
+    check_resources(plan.resources, "train.num_workers / train.cpus_per_worker / train.use_gpu", plan.resource_line(),
+                    bundles=plan.worker_bundles, wait_s=cfg.cluster.resource_wait_s)
     if not train.prepared_dir:
         cfg = _prepare_for_training(cfg, output_dir)
     tokens = storage.absolute(cfg.train.prepared_dir)

@@ -68,6 +68,12 @@ class TrainPlan:
             raise error
         return self
 
+    @property
+    def worker_bundles(self) -> list[dict[str, float]]:
+        """One per Ray Train worker: what each must find on a single node."""
+        train = self.cfg.train
+        return [{"CPU": train.cpus_per_worker} | ({"GPU": 1.0} if train.use_gpu else {})] * train.num_workers
+
     def resource_line(self) -> str:
         train = self.cfg.train
         return (f"{train.num_workers} worker(s) x {train.cpus_per_worker:g} CPU"

@@ -82,6 +82,7 @@ def _search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
         f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     console.use_output_dir(search_dir)
     init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(cfg.train.worker_start_timeout_s)})
+    _check_trial_fits(cfg)
     base = _seeded_base(cfg, search_dir)
     seed_metrics = _seed_metrics(base, search_dir)
     objective.safety(seed_metrics, cfg.tune.objective.safety)  # every rate the objective names was measured:
@@ -107,6 +108,21 @@ def _search(cfg: LookaheadConfig, resume: bool = False) -> SearchResult:
     best = write_results(search_dir, cfg, rows, seed_metrics)
     rank_by = cfg.tune.objective.rank_by
     return SearchResult(search_dir, objective.rank(rows, rank_by), seed_metrics, best, rank_by)
+
+
+def _check_trial_fits(cfg: LookaheadConfig) -> None:
+    """One trial (its driver and its Train workers) fits the cluster, or the search fails before any trial starts
+    (on a cluster joined through RAY_ADDRESS, after ``cluster.resource_wait_s``)."""
+    from lookahead_ray.runtime import check_resources
+
+    train = cfg.train
+    worker = {"CPU": train.cpus_per_worker} | ({"GPU": 1.0} if train.use_gpu else {})
+    trial = [{"CPU": cfg.tune.cpus_per_trial}] + [worker] * train.num_workers
+    check_resources({r: sum(b.get(r, 0.0) for b in trial) for r in worker},
+                    "tune.cpus_per_trial / train.num_workers / train.cpus_per_worker / train.use_gpu",
+                    f"a trial ({cfg.tune.cpus_per_trial:g} CPU) with {train.num_workers} worker(s) x "
+                    f"{train.cpus_per_worker:g} CPU" + (" and 1 GPU each" if train.use_gpu else ""), bundles=trial,
+                    wait_s=cfg.cluster.resource_wait_s)
 
 
 def _plan(cfg: LookaheadConfig, search_dir: str) -> None:
