@@ -10,11 +10,16 @@ import pytest
 from ray_hygiene import ray_left_as_found  # noqa: F401  (autouse: every Ray test leaves Ray as it found it)
 from services import free_port
 
+from lookahead_ray.runtime import TRAIN_POLL_ENV, TRAIN_POLL_S
+
 # Set, not defaulted: the suite starts its own Ray instances and must not join (or need the token of) a cluster a
 # developer's shell points at.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Ray Train's controller polls its workers every 2 s by default: each fit's start, report and end wait for a poll.
+# Every Ray of the session (the shared one, the tests' heads and nodes) inherits this before it starts.
+os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
 # The S3 API server's address is fixed before any Ray starts, so every Ray worker of the session (the shared local
 # Ray's, a test cluster's) inherits the endpoint and the test credentials; the server starts only when a test asks
 # for it (the ``s3`` fixture). Set, not defaulted: a test must never reach a real bucket with a developer's keys.
