@@ -70,17 +70,19 @@ def test_5_a_test_without_the_session_ray_fixture_is_not_checked():
 @pytest.mark.timeout(300)
 def test_a_test_that_leaves_ray_resources_behind_fails_naming_them_and_the_next_starts_clean(tmp_path):
     (tmp_path / "test_leaky.py").write_text(LEAKY_TESTS)
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_AUTH_MODE": "disabled", "LOOKAHEAD_TEST_RAY_GRACE_S": "5"}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_AUTH_MODE": "disabled", "LOOKAHEAD_TEST_RAY_GRACE_S": "5",
+           "COLUMNS": "1000"}  # the summary's lines are cut to the terminal's width: make it wide everywhere
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", "test_leaky.py"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     out = result.stdout
     assert result.returncode == 1, out[-4000:] + result.stderr[-2000:]
     assert "5 passed" in out and "2 errors" in out, out[-4000:]  # each leaky test passed, then failed its teardown
-    assert [line.split(" ")[1] for line in out.splitlines() if line.startswith("ERROR ")] == [
+    # the short summary's ERROR lines: one per leaky test (the failure sections above them repeat the report)
+    reports = [line for line in out.splitlines() if line.startswith("ERROR ")]
+    assert [line.split(" ")[1] for line in reports] == [
         "test_leaky.py::test_1_leaves_a_placement_group", "test_leaky.py::test_3_leaves_a_detached_actor_holding_a_cpu"]
-    reports = [line for line in out.splitlines() if "left in the session's Ray:" in line]
-    assert len(reports) == 2, out[-4000:]
+    assert all("left in the session's Ray:" in line for line in reports), out[-4000:]
     assert "test_1_leaves_a_placement_group left in the session's Ray: placement group" in reports[0], reports[0]
     assert "[{'CPU': 1.0}]" in reports[0] and "1 CPU still reserved (removed)" in reports[0], reports[0]
     assert "test_3_leaves_a_detached_actor_holding_a_cpu left in the session's Ray: actor " in reports[1]
