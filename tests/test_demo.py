@@ -332,7 +332,10 @@ def test_demo_search_scores_trials_on_the_validation_split(ray_local, tmp_path, 
     monkeypatch.setenv("LOOKAHEAD_RAY_CACHE", str(demo_cache))
     out = tmp_path / "demo-search"
     assert main(["demo", "--search", "--quick", "--seed", "3", "--output-dir", str(out),
-                 "tune.modes=[vanilla, real]", "tune.m=[6]"]) == 0
+                 "tune.modes=[vanilla, real]", "tune.m=[6]",
+                 # the search's wiring is under test, not its numbers (the demo command makes those): short trials
+                 "train.max_steps=4", "eval.max_new_tokens=8", "eval.harmful.max_samples=6",
+                 "eval.harmful_answers.max_samples=6", "eval.utility.max_samples=6"]) == 0
     cfg = load_config(str(out / "tune_demo.yaml"))  # the written config is the one that ran, and loads again
     assert {Path(getattr(cfg.eval, n).path).name for n in ("harmful", "harmful_answers", "utility")} == {
         "harmful_validation.jsonl", "harmful_answers_validation.jsonl", "task_validation.jsonl"}

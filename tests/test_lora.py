@@ -130,6 +130,7 @@ def test_lora_on_two_workers_trains_only_the_adapters_resumes_exactly_and_export
     from safetensors.torch import load_file
 
     from lookahead_ray.modeling import build_model, load_pretrained_model, tokenizer_for
+    from lookahead_ray.train.checkpoints import survey
     from lookahead_ray.train.driver import run_training
     from lookahead_ray.train.lora import merged_state_dict
 
@@ -181,11 +182,11 @@ def test_lora_on_two_workers_trains_only_the_adapters_resumes_exactly_and_export
         b = load_pretrained_model(str(final), precision="fp32")(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    stopped = run("stopped", 8)
-    assert stopped.metrics["step"] == 8
-    # The same run continued (a longer max_steps: resume=force) from its step-8 checkpoint, adapters + optimizer; the
-    # constant schedule makes the step count no part of the trajectory.
-    resumed = run("stopped", 16, "train.resume=force")
+    # The run continued from its step-8 checkpoint (adapters + optimizer, as a run stopped there leaves them) in a
+    # run of its own: it ends with the uninterrupted run's data and adapter. (A finished run continued in place with
+    # a longer max_steps, train.resume=force: test_training.)
+    (at_step_8,) = [c.location for c in survey(str(Path(straight.checkpoint_dir).parent))[0] if c.step == 8]
+    resumed = run("resumed", 16, f"train.resume_from={at_step_8}")
     assert resumed.metrics["resumed_from_step"] == 8 and resumed.metrics["step"] == 16
     assert resumed.metrics["data_sha"] == m["data_sha"]
     again = load_file(str(Path(resumed.final_dir) / "adapter" / "adapter_model.safetensors"))
