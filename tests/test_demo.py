@@ -343,6 +343,9 @@ def test_demo_search_scores_trials_on_the_validation_split(ray_local, tmp_path, 
         rows = list(csv.DictReader(f))
     assert sorted(r["preview.mode"] for r in rows) == ["real", "vanilla"] and {r["status"] for r in rows} == {"done"}
     assert (out / "search" / "pareto.png").exists() and (out / "search" / "best.yaml").exists()
+    # One seed model for the demo and its search (same world and tokenizer, other output directories): trained by
+    # whichever ran first, read from the cache by the other.
+    assert len(list((demo_cache / "demo").glob("seed-*/final"))) == 1
 
 
 def test_world_overrides_and_seed_lists_are_checked_before_any_work(tmp_path, capsys):

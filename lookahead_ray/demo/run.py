@@ -152,7 +152,11 @@ def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) ->
     from lookahead_ray.train.driver import run_training
 
     cfg = _seed_config(world, tokenizer_dir, quick)
-    content = json.dumps([cfg, Path(world["alignment"]).read_text(), Path(tokenizer_dir, "tokenizer.json").read_text()])
+    # Keyed on what the files hold, not where they are: `demo` and `demo --search` build the same world and
+    # tokenizer in their own output directories and share one seed model.
+    settings = {**cfg, "data": {**cfg["data"], "inputs": None}, "model": {**cfg["model"], "tokenizer": None}}
+    tokenizer_files = {p.name: p.read_text() for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()}
+    content = json.dumps([settings, Path(world["alignment"]).read_text(), tokenizer_files])
     key = hashlib.sha256(content.encode()).hexdigest()[:12]
     cache = cache_root() / "demo"
     final = cache / f"seed-{key}" / "final"
