@@ -27,7 +27,8 @@ Same model (a Llama built from config), same data (GSM8K-style rows from example
 project's pipeline), same micro-batch, fp32, one run. Every variant runs in its own process with
 OMP_NUM_THREADS=1, so "per worker" step times compare like with like (a Ray Train worker on a 2-core
 machine gets one core). Printed: steady-state step time (mean over the steps after the first), tokens/s,
-start-up (process start to first step done) and ratios against the plain loop. On a GPU it also prints
+start-up (process start to first step done), the machine's busy CPU seconds while the variant ran (Linux; a
+Ray variant's workers and controller included) and ratios against the plain loop. On a GPU it also prints
 model FLOPs utilisation, MFU = 6 x parameters x tokens/s / peak (H100/H200 bf16 dense peak 989 TFLOP/s).
 """
 
@@ -327,7 +328,7 @@ def main() -> None:
                 ["--lora-layers", str(args.lora_layers)] if args.lora_layers else []) + [
                 "--data", args.data] + (["--shape", args.shape] if args.shape else []) + (
                 ["--tokenizer", args.tokenizer] if args.tokenizer else [])
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), _machine_busy_seconds()
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None if args.one_engine else subprocess.PIPE,
                               text=True, env=env, cwd=REPO)  # --one-engine: its per-layout lines as they come
         if proc.returncode != 0 and args.one_engine and variant != variants[0]:
@@ -340,13 +341,17 @@ def main() -> None:
             results[variant] = result
             continue
         result["process_seconds"] = time.perf_counter() - start
+        if busy is not None:  # every process on the machine (a Ray variant's workers and controller included)
+            result["machine_cpu_seconds"] = _machine_busy_seconds() - busy
         # Start-up: everything in the process that is not a steady-state step.
         result["startup_seconds"] = result["process_seconds"] - args.steps * result["mean_step_seconds"]
         results[variant] = result
         pad = f"  pad {100 * result['pad_fraction']:4.1f}%" if "pad_fraction" in result else ""
         print(f"{variant:<16} step {result['mean_step_seconds'] * 1000:8.1f} ms  {result['tokens_per_second']:9,.0f} "
               f"non-pad tokens/s{pad}  start-up {result['startup_seconds']:5.1f} s  "
-              f"(process {result['process_seconds']:5.1f} s)", flush=True)
+              f"(process {result['process_seconds']:5.1f} s"
+              + (f", machine CPU {result['machine_cpu_seconds']:5.1f} s" if "machine_cpu_seconds" in result else "")
+              + ")", flush=True)
     if args.one_engine:
         _print_one_engine(results, args)
         return
@@ -364,6 +369,16 @@ def main() -> None:
     if args.gpu:
         mfu = 6 * base["parameters"] * results["ray-deepspeed-1"]["tokens_per_second"] / PEAK_FLOPS
         print(f"MFU (Ray Train + DeepSpeed, 1 GPU): {100 * mfu:.1f}% of {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy (Linux /proc/stat: all but idle and iowait); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
