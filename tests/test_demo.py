@@ -100,6 +100,18 @@ def test_each_world_ingredient_changes_exactly_the_records_it_owns(tmp_path):
                for _, b in changed)
 
 
+def test_the_seed_model_is_cached_by_what_its_world_holds_not_where_it_is(tmp_path):
+    """`demo` and `demo --search` write the same world into their own output directories: one seed model."""
+    from lookahead_ray.demo.run import _seed_config, _seed_key, build_world
+
+    def key(out: Path, seed: int = 3, quick: bool = True) -> str:
+        world, tokenizer = build_world(out, seed, quick)
+        return _seed_key(_seed_config(world, str(tokenizer), quick), world["alignment"], str(tokenizer))
+
+    assert key(tmp_path / "demo") == key(tmp_path / "elsewhere" / "demo-search")
+    assert key(tmp_path / "other-seed", seed=4) != key(tmp_path / "demo")
+
+
 def test_answer_type_classifier_on_hand_written_answers():
     from lookahead_ray.demo.answer_types import answer_type, answer_type_shares
     from lookahead_ray.demo.world import TASK_OPENER

@@ -152,12 +152,7 @@ def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) ->
     from lookahead_ray.train.driver import run_training
 
     cfg = _seed_config(world, tokenizer_dir, quick)
-    # Keyed on what the files hold, not where they are: `demo` and `demo --search` build the same world and
-    # tokenizer in their own output directories and share one seed model.
-    settings = {**cfg, "data": {**cfg["data"], "inputs": None}, "model": {**cfg["model"], "tokenizer": None}}
-    tokenizer_files = {p.name: p.read_text() for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()}
-    content = json.dumps([settings, Path(world["alignment"]).read_text(), tokenizer_files])
-    key = hashlib.sha256(content.encode()).hexdigest()[:12]
+    key = _seed_key(cfg, world["alignment"], tokenizer_dir)
     cache = cache_root() / "demo"
     final = cache / f"seed-{key}" / "final"
     if (final / "config.json").exists():
@@ -168,6 +163,16 @@ def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) ->
     cfg["train"]["output_dir"] = str(cache / f"seed-{key}")
     run_training(LookaheadConfig.from_dict(cfg))
     return str(final)
+
+
+def _seed_key(cfg: dict[str, Any], corpus: str, tokenizer_dir: str) -> str:
+    """Keyed on what the files hold, not where they are: `demo` and `demo --search` build the same world and
+    tokenizer in their own output directories and share one seed model."""
+    settings = {**cfg, "data": {**cfg["data"], "inputs": None}, "model": {**cfg["model"], "tokenizer": None}}
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(tokenizer_dir).iterdir())
+             if p.is_file()}
+    content = json.dumps([settings, hashlib.sha256(Path(corpus).read_bytes()).hexdigest(), files])
+    return hashlib.sha256(content.encode()).hexdigest()[:12]
 
 
 def build_world(out: Path, seed: int, quick: bool, options: WorldOptions = WORLDS["mechanism"],
