@@ -118,8 +118,14 @@ def close() -> None:
             print(f"lookahead-ray: could not upload the log to {state.log_remote} ({exc}); it is in "
                   f"{state.log_path}", file=sys.stderr)
     if state.ray_printer is not None:
+        import ray
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+        # This command connected Ray (its printer was ours to swap) and is done with it. Workers' last lines (Ray
+        # Train's controller reporting the failure just printed as one line) arrive a moment later: disconnect
+        # first, or Ray's printer, put back, shows them on the console.
+        with contextlib.suppress(Exception):
+            ray.shutdown()
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_print_logs", state.ray_printer)
     state.active, state.log_path, state.file_handler, state.console_handler, state.ray_printer = (
