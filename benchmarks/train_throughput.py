@@ -65,7 +65,7 @@ def plain_loop(args: argparse.Namespace, out: Path) -> dict:
 
     from lookahead_ray.modeling import build_model, tokenizer_for
     from lookahead_ray.train.data_order import TokenStore
-    from lookahead_ray.train.driver import _tokens_locally
+    from lookahead_ray.train.execute import _tokens_locally
     from lookahead_ray.train.loop import collate
 
     cfg = _config(args, out, 1, True)
@@ -140,7 +140,7 @@ def one_engine(args: argparse.Namespace, out: Path, lora: bool) -> dict:
 
     from lookahead_ray.config import apply_overrides, parse_overrides
     from lookahead_ray.train.data_order import TokenStore
-    from lookahead_ray.train.driver import _tokens_locally
+    from lookahead_ray.train.execute import _tokens_locally
     from lookahead_ray.train.loop import Position, _fit, setup_engine
     from lookahead_ray.train.lora import parameter_counts
     from lookahead_ray.train.metrics import StepMeter
@@ -200,7 +200,7 @@ def one_engine(args: argparse.Namespace, out: Path, lora: bool) -> dict:
 
 def layout_run(variant: str, args: argparse.Namespace, out: Path) -> dict:
     """``train --local`` on GSM8K train with one batch layout (padded, grouped by length, packed)."""
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     metrics = run_training_local(_layouts_config(args, out, LAYOUTS[variant])).metrics
     # Means over the run's steps after the first (time includes the loop's reports, as in a real run).
@@ -218,7 +218,7 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     elif variant == "plain":
         result = plain_loop(args, out)
     elif variant == "deepspeed-local":
-        from lookahead_ray.train.driver import run_training_local
+        from lookahead_ray.train.execute import run_training_local
 
         metrics = run_training_local(_config(args, out, 1, True)).metrics
         result = {k: metrics[k] for k in ("mean_step_seconds", "exported_parameters")}
@@ -226,7 +226,7 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         from lookahead_ray.runtime import init_ray
-        from lookahead_ray.train.driver import run_training
+        from lookahead_ray.train.execute import run_training
 
         init_ray(num_cpus=None if args.gpu else 2, log_to_driver=False)
         workers = int(variant[-1])

@@ -36,7 +36,7 @@ def main() -> None:
     from lookahead_ray.config import apply_overrides, load_config
     from lookahead_ray.eval.runner import run_eval
     from lookahead_ray.runtime import init_ray
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
     from lookahead_ray.tune.search import run_search
     from lookahead_ray.tune.space import trials
 

@@ -88,7 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lookahead_ray.train.driver import run_training, run_training_local
+    from lookahead_ray.train.execute import run_training, run_training_local
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.config, overrides)
@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _dry_run(cfg: LookaheadConfig, strict: bool) -> int:
     import json
 
-    from lookahead_ray.train.preflight import dry_run
+    from lookahead_ray.train.plan import dry_run
 
     report = dry_run(cfg)
     print(f"DeepSpeed config for {cfg.train.num_workers} worker(s):")
@@ -126,8 +126,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import yaml
 
     from lookahead_ray import storage
-    from lookahead_ray.train.driver import FINAL_DIR
-    from lookahead_ray.train.export import CONFIG_FILE, export_checkpoint
+    from lookahead_ray.train.export import export_checkpoint
+    from lookahead_ray.train.layout import CONFIG_FILE, FINAL_DIR
 
     output_dir = args.output_dir
     config_file = storage.join(storage.absolute(args.checkpoint), CONFIG_FILE)

@@ -16,13 +16,13 @@ from test_training import _cfg, _check_export
 
 from lookahead_ray.config import ConfigError, ConstrainedSFTConfig, load_config
 from lookahead_ray.data.tokenization import IGNORE_INDEX
-from lookahead_ray.train.constrained import (
+from lookahead_ray.train.loop import collate, collate_packed
+from lookahead_ray.train.objectives import (
     answer_positions,
     constrained_loss,
     position_betas,
     token_logps,
 )
-from lookahead_ray.train.loop import collate, collate_packed
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -261,7 +261,7 @@ def test_constrained_sft_on_two_workers_trains_and_exports(ray_local, tmp_path, 
     """The branch a real run takes: a checkpoint saved with save_pretrained, loaded by every worker through
     model.name_or_path as the policy and again as the frozen reference (under ZeRO-3 both partitioned)."""
     from lookahead_ray.modeling import build_model, tokenizer_for
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     tiny = _cfg(tmp_path)
     tokenizer = tokenizer_for(tiny.model)
@@ -282,7 +282,7 @@ def test_constrained_sft_on_two_workers_trains_and_exports(ray_local, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_constrained_sft_trains_lora_adapters_against_the_base_on_two_workers(ray_local, tmp_path):
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     result = run_training(_cfg(tmp_path, "train.precision=fp32", "train.constrained={}",
                                "train.lora={r: 8, alpha: 16, dropout: 0.0}", "train.learning_rate=1.0e-2",

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lookahead_ray.config import DataConfig, LookaheadConfig, ModelConfig, PreviewConfig, RecordConfig
-from lookahead_ray.data.pipeline import build_training_dataset, run_prepare
+from lookahead_ray.data.pipeline import run_prepare
 from lookahead_ray.data.report import read_report
 from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.errors import RowError
@@ -135,19 +135,19 @@ def test_missing_inputs_fail_before_ray_work(tmp_path):
         run_prepare(_cfg(tmp_path, [str(tmp_path / "broken.json")]))
 
 
-def test_preview_only_output_and_training_stream(tmp_path):
+def test_preview_only_output_and_the_token_columns_training_reads(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", _rows(40))
     cfg = _cfg(tmp_path, [str(src)], tokenize=False)
     cfg.preview.mode = "virtual"
     report = run_prepare(cfg)
     records = [json.loads(r["record"]) for r in _read_shards(tmp_path / "prepared")]
     assert report.rows_written == 40 and records[0]["output"].startswith("Let's solve this problem. ")
-    stream = build_training_dataset(_cfg(tmp_path, [str(src)]))
-    seen = 0
-    for batch in stream.iter_batches(batch_size=16, batch_format="numpy"):
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
-        seen += len(batch["input_ids"])
-    assert seen == 40
+    tokenized = _cfg(tmp_path, [str(src)])  # what training reads: every row's token columns, nothing dropped
+    tokenized.data.output_dir = str(tmp_path / "tokenized")
+    assert run_prepare(tokenized).rows_written == 40
+    rows = _read_shards(tmp_path / "tokenized")
+    assert len(rows) == 40 and all({"input_ids", "attention_mask", "labels"} <= set(r) for r in rows)
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["attention_mask"]) for r in rows)
 
 
 def test_line_ranges_cover_the_file_and_keep_every_line_number(tmp_path):

@@ -131,7 +131,7 @@ def test_lora_on_two_workers_trains_only_the_adapters_resumes_exactly_and_export
 
     from lookahead_ray.modeling import build_model, load_pretrained_model, tokenizer_for
     from lookahead_ray.train.checkpoints import survey
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
     from lookahead_ray.train.lora import merged_state_dict
 
     tiny = _cfg(tmp_path)
@@ -197,7 +197,7 @@ def test_lora_on_two_workers_trains_only_the_adapters_resumes_exactly_and_export
 @pytest.mark.timeout(600)
 def test_eval_of_an_adapter_directory_equals_eval_of_its_merged_export_and_export_rebuilds_both(ray_local, tmp_path, capsys):
     from lookahead_ray.modeling import build_model, tokenizer_for
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     tiny = _cfg(tmp_path)
     tokenizer = tokenizer_for(tiny.model)

@@ -181,7 +181,7 @@ def test_a_bad_safety_row_names_its_file_row_and_field(tmp_path, tiny_tokenizer)
 
 def test_the_single_process_path_mixes_and_counts_the_same_way(tmp_path, tiny_tokenizer):
     from lookahead_ray.train.data_order import TokenStore
-    from lookahead_ray.train.driver import _tokens_locally
+    from lookahead_ray.train.execute import _tokens_locally
 
     task = _write_jsonl(tmp_path / "task.jsonl", _rows(40))
     safety = _write_jsonl(tmp_path / "safety.jsonl", _refusals(30))

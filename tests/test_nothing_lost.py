@@ -119,15 +119,15 @@ def test_a_non_string_answer_prefix_is_a_counted_row_error(tiny_tokenizer):
 def test_a_lost_or_duplicated_block_fails_the_row_accounting():
     from collections import Counter
 
-    from lookahead_ray.data.pipeline import _check_accounting
+    from lookahead_ray.data.accounting import check_accounting
 
     counts = {"declared": Counter({"a": 10}), "arrived": Counter({"a": 10}), "read": 10, "written": 9}
-    _check_accounting(counts, ["a"], rejected=1)
+    check_accounting(counts, ["a"], rejected=1)
     for arrived in (Counter({"a": 8}), Counter({"a": 12})):
         with pytest.raises(RuntimeError, match="row accounting broken for a"):
-            _check_accounting({**counts, "arrived": arrived}, ["a"], rejected=1)
+            check_accounting({**counts, "arrived": arrived}, ["a"], rejected=1)
     with pytest.raises(RuntimeError, match="row accounting broken for b"):  # a file whose end never arrived
-        _check_accounting(counts, ["a", "b"], rejected=1)
+        check_accounting(counts, ["a", "b"], rejected=1)
 
 
 def test_epochs_are_reshuffled_by_seed_and_dealt_equally_to_workers():
@@ -157,7 +157,7 @@ def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_and_ends_where_an_uni
     from safetensors.torch import load_file
 
     from lookahead_ray.train import loop
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     straight = run_training_local(_local_cfg(tmp_path / "straight", *layout))
     report = loop._report
@@ -183,7 +183,7 @@ def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_and_ends_where_an_uni
 
 @pytest.mark.slow
 def test_training_from_inputs_counts_every_row_it_skips(ray_local, tmp_path):
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     data = tmp_path / "train.jsonl"
     _write_jsonl(data, _rows(40))
@@ -200,7 +200,7 @@ def test_training_from_inputs_counts_every_row_it_skips(ray_local, tmp_path):
 
 def test_work_that_cannot_be_scheduled_fails_before_it_waits(ray_local, tmp_path):
     from lookahead_ray.data.pipeline import run_prepare
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     source = _write_jsonl(tmp_path / "in.jsonl", _rows(8))
     with pytest.raises(ConfigError, match="data.num_actors x data.cpus_per_actor: .* needs 4.5 CPU"):

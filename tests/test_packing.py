@@ -102,7 +102,7 @@ def test_pad_fraction_is_reported_and_packing_all_but_removes_padding(tmp_path):
     import json
 
     from lookahead_ray.config import load_config
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     rng = np.random.default_rng(5)  # answers of 3 to 60 words: lengths as uneven as real data
     rows = [{"input": f"Question {i}: how do you say it?", "output": " ".join(["word"] * int(rng.integers(3, 60)))}
@@ -129,7 +129,7 @@ def test_a_packed_run_without_max_steps_counts_its_steps_from_the_packed_sequenc
     from lookahead_ray.config import load_config
     from lookahead_ray.data.pipeline import run_prepare
     from lookahead_ray.train.data_order import TokenStore
-    from lookahead_ray.train.driver import _run_steps
+    from lookahead_ray.train.execute import _run_steps
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"input": f"Question {i}?", "output": "word " * (3 + i % 40)}) + "\n"

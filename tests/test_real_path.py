@@ -53,6 +53,19 @@ def test_dry_run_fails_on_a_tokenizer_without_chat_template(mistral_tokenizer_di
     assert "[FAIL] tokenizer" in out and "no chat template" in out and "FAILED" in out
 
 
+def test_dry_run_shows_the_plans_own_checks_and_fails_on_one_a_run_would_fail(capsys):
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert main(["train", "--config", tiny, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[  ok] kernels: attention" in out and "[  ok] adapters: full fine-tuning" in out
+    assert "[  ok] resources: 2 worker(s) x 0.5 CPU" in out
+    # Checked by the plan that `train` executes (a run fails on it), so the dry run must fail on it too.
+    assert main(["train", "--config", tiny, "--dry-run", "model.attn_implementation=flash_attention_2"]) == 2
+    out = capsys.readouterr().out
+    assert "[FAIL] kernels: model.attn_implementation: flash_attention_2 runs on CUDA GPUs only" in out
+    assert "train --dry-run: FAILED" in out
+
+
 @pytest.fixture(scope="module")
 def mistral_model_dir(tmp_path_factory, mistral_tokenizer):
     """A tiny Llama saved in fp16 with the Mistral SentencePiece tokenizer (32,000 tokens) and a chat template."""
@@ -85,7 +98,7 @@ def test_tokenizer_comes_from_the_model_and_shards_of_another_tokenizer_are_refu
 
     from lookahead_ray.data.pipeline import run_prepare
     from lookahead_ray.data.report import read_report
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     mistral = ["model.tokenizer=null", "model.tiny=null", f"model.name_or_path={mistral_model_dir}"]
     cfg = _local_cfg(tmp_path, *mistral, f"data.output_dir={tmp_path / 'prepared'}")
@@ -114,7 +127,7 @@ def test_failed_export_check_keeps_the_checkpoint_and_export_rebuilds_final(tmp_
     from transformers import AutoModelForCausalLM
 
     from lookahead_ray.train import export
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     save_hf = export._save_hf
 
@@ -147,7 +160,7 @@ def test_failed_export_check_keeps_the_checkpoint_and_export_rebuilds_final(tmp_
 
 @pytest.mark.slow
 def test_a_run_name_stands_for_one_training_config(tmp_path, capsys):
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     first = run_training_local(_local_cfg(tmp_path))
     assert first.metrics["step"] == 4 and not first.already_finished
@@ -191,7 +204,7 @@ def test_advbench_csv_with_quoted_commas(tmp_path):
 
 @pytest.mark.slow
 def test_eval_tiny_cpu_config_runs_on_a_trained_tiny_model(ray_local, tmp_path, capsys):
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     trained = run_training_local(_local_cfg(tmp_path, "train.max_steps=2"))
     out = tmp_path / "eval"
@@ -220,7 +233,7 @@ def test_a_recipe_that_does_not_fit_its_gpus_fails_train_itself_before_ray_start
 
     from lookahead_ray.config import load_config
     from lookahead_ray.errors import ConfigError
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
     from lookahead_ray.train.plan import plan_training
 
     cfg = load_config(REPO / "configs" / "llama2_70b_gsm8k_real_zero3.yaml",

@@ -73,7 +73,8 @@ def test_publish_replaces_only_marked_outputs_and_the_marker_comes_last(prefix, 
         (staging / "marker.yaml").write_text(version)
         storage.check_output_dir(target, "marker.yaml", "train.output_dir")
         uploads: list[str] = []
-        monkeypatch.setattr(storage, "upload_file", functools.partial(_recording_upload, uploads, storage.upload_file))
+        recorded = functools.partial(_recording_upload, uploads, storage.upload_file)
+        monkeypatch.setattr(storage.publish, "upload_file", recorded)  # where publish_dir calls it
         assert storage.publish_dir(staging, target, marker="marker.yaml") == target
         monkeypatch.undo()
         assert uploads[-1] == "marker.yaml"  # the output is complete only once everything else is there
@@ -115,7 +116,8 @@ def test_a_remote_directory_is_copied_once_per_node_and_again_when_it_changes(pr
     storage.write_text(f"{prefix}/model/model.safetensors", "weights")
     reads = []
     real_open = storage.open_input
-    monkeypatch.setattr(storage, "open_input", lambda location, **kw: reads.append(location) or real_open(location, **kw))
+    monkeypatch.setattr(storage.cache, "open_input",
+                        lambda location, **kw: reads.append(location) or real_open(location, **kw))
     first = storage.local_copy(f"{prefix}/model", "models")
     assert Path(first, "config.json").read_text() == "{}" and len(reads) == 2
     assert storage.local_copy(f"{prefix}/model", "models") == first and len(reads) == 2  # cached: no download
@@ -229,7 +231,7 @@ def test_tune_tables_and_best_yaml_round_trip_through_a_uri(prefix):
 def test_a_run_resumes_from_a_checkpoint_in_the_bucket(ray_local, prefix, tmp_path):
     from test_training import _cfg
 
-    from lookahead_ray.train.driver import run_training, run_training_local
+    from lookahead_ray.train.execute import run_training, run_training_local
 
     first = run_training_local(_cfg(tmp_path, "train.max_steps=8", "train.run_name=short"))
     storage.upload_dir(first.checkpoint_dir, f"{prefix}/checkpoint")

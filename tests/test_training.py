@@ -62,7 +62,7 @@ def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path_and_expo
     model.name_or_path (under ZeRO-3 each rank reads only its partition while loading: train.zero3_loading); the
     loss falls, the export reloads with the engine's logits and the checkpoint costs what the dry run said."""
     from lookahead_ray.modeling import build_model, tokenizer_for
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     tiny = _cfg(tmp_path)
     tokenizer = tokenizer_for(tiny.model)
@@ -96,7 +96,7 @@ def test_two_workers_fine_tune_a_checkpoint_loaded_through_name_or_path_and_expo
 def test_killed_worker_resumes_from_latest_checkpoint_and_finishes(ray_local, tmp_path):
     import psutil
 
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     cfg = _cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every_steps=5", "train.report_every_steps=5",
                "train.max_failures=2", "train.run_name=killed")
@@ -146,7 +146,7 @@ def _expected_data_sha(tokens: Path, steps: int, world_size: int, micro_batch_si
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_finished_run_resumes_into_a_longer_run(ray_local, tmp_path):
-    from lookahead_ray.train.driver import run_training, run_training_local
+    from lookahead_ray.train.execute import run_training, run_training_local
 
     first = run_training_local(_cfg(tmp_path, "train.max_steps=8", "train.run_name=short"))
     assert first.metrics["step"] == 8
@@ -164,7 +164,7 @@ def test_single_process_path_trains_without_ray(tmp_path):
     # `sys.modules["ray"] = None` makes any `import ray` fail: the local path must not need Ray.
     code = ("import json, sys; sys.modules['ray'] = None\n"
             "from lookahead_ray.config import LookaheadConfig\n"
-            "from lookahead_ray.train.driver import run_training_local\n"
+            "from lookahead_ray.train.execute import run_training_local\n"
             f"r = run_training_local(LookaheadConfig.from_dict(json.load(open({str(cfg_file)!r}))))\n"
             "print(json.dumps(r.metrics))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280, cwd=REPO)
@@ -275,7 +275,7 @@ def test_gpu_only_kernels_fail_in_the_plan_on_cpu_and_liger_names_the_node_witho
 
 
 def test_missing_model_path_fails_before_ray(tmp_path):
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     cfg = _cfg(tmp_path, "model.tiny=null", f"model.name_or_path={tmp_path / 'no-such-model'}")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
@@ -292,7 +292,7 @@ def test_use_gpu_without_a_visible_gpu_fails_naming_the_node(tmp_path):
         pytest.skip("this machine has a CUDA device: nothing to refuse")
 
     from lookahead_ray.errors import ConfigError
-    from lookahead_ray.train.driver import run_training_local
+    from lookahead_ray.train.execute import run_training_local
 
     with pytest.raises(ConfigError, match=f"no CUDA device is visible on node {socket.gethostname()}"):
         run_training_local(_cfg(tmp_path, "train.use_gpu=true", "train.max_steps=2"))
@@ -302,7 +302,7 @@ def test_use_gpu_without_a_visible_gpu_fails_naming_the_node(tmp_path):
 @pytest.mark.timeout(300)
 def test_an_error_the_user_can_fix_raised_in_a_worker_reaches_the_driver_as_itself(ray_local, tmp_path):
     from lookahead_ray.errors import ConfigError
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     with pytest.raises(ConfigError, match=r"train.micro_batch_size: \d+ training rows give worker \d no micro-batch"):
         run_training(_cfg(tmp_path, "train.micro_batch_size=512", "train.max_steps=2", "train.max_failures=0"))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lookahead_ray.config.methods import method_parts
+from lookahead_ray.config.typed import build
 from lookahead_ray.errors import ConfigError
 
 
@@ -551,8 +553,6 @@ class SearchConfig:
             raise ConfigError(f"tune.method_knobs names methods not in tune.methods: "
                               f"{sorted(set(self.method_knobs) - set(self.methods))}")
         if self.methods:
-            from lookahead_ray.methods import method_parts  # here: methods builds on this module
-
             for name in self.methods:
                 try:
                     method_parts(name)
@@ -612,8 +612,6 @@ class LookaheadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> LookaheadConfig:
-        from lookahead_ray.config.loader import build
-
         return build(cls, data, source)
 
     def stage_dir(self, stage: Literal["prepare", "train", "eval", "tune"]) -> str | None:

@@ -1,7 +1,7 @@
 """The preparation pipeline on Ray Data: read -> validate -> preview -> tokenize -> Parquet shards + report.
 
-``run_prepare(cfg)`` writes shards and ``prepare_report.json``; ``build_training_dataset(cfg)`` returns the
-same stream for Ray Train to consume without writing anything.
+``run_prepare(cfg)`` writes shards and ``prepare_report.json``; ``train`` runs it into its run directory when it
+trains straight from ``data.inputs`` and reads the shards' token columns (``train.data_order``).
 
 Row accounting: the transform emits exactly one row per row read, either a result or a rejection with a
 reason, and the sink counts both, so rows read = rows written + rows rejected by construction (checked).
@@ -15,7 +15,6 @@ import gc
 import json
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
@@ -29,23 +28,22 @@ from ray.data.datasource import Datasink
 
 from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
+from lookahead_ray.data.accounting import (
+    MAX_EXAMPLES,
+    add_safety_counts,
+    check_accounting,
+    count_rows,
+    empty_counts,
+    prepare_report,
+)
 from lookahead_ray.data.datasource import RecordFileDatasource
-from lookahead_ray.data.readers import END_OF_FILE, expand_inputs
+from lookahead_ray.data.readers import expand_inputs
 from lookahead_ray.data.report import REPORT_NAME, PrepareReport
-from lookahead_ray.data.tokenization import IGNORE_INDEX
 from lookahead_ray.data.transform import PrepareRecords
 from lookahead_ray.errors import ConfigError, RowError, find_in_causes
 from lookahead_ray.runtime import check_resources, check_visible_on_every_node, init_ray
 
 READ_CPUS = 0.5
-_MAX_EXAMPLES = 20
-
-
-def _empty_counts() -> dict[str, Any]:
-    """Per-write-task (and, summed, per-run) row counts by outcome."""
-    return {"read": 0, "written": 0, "truncated": 0, "tokens": 0, "answer_tokens": 0,
-            "reasons": Counter(), "examples": [], "shards": [], "declared": Counter(), "arrived": Counter(),
-            "preview_tokens": Counter()}
 
 
 class PreparedShardsDatasink(Datasink):
@@ -61,7 +59,7 @@ class PreparedShardsDatasink(Datasink):
         return self.rows_per_shard
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
-        counts = _empty_counts()
+        counts = empty_counts()
         opened: list[Any] = []  # the shard's ParquetWriter and its output stream, once open
         try:
             self._write_blocks(blocks, ctx, counts, opened)
@@ -82,30 +80,9 @@ class PreparedShardsDatasink(Datasink):
         writer, sink = None, None
         fs, staging = storage.resolve(self.staging_dir)
         for block in blocks:
-            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            table = self._count_arrivals(table, counts)
-            rejected = table.column("reject_reason").is_valid()
-            for row in table.filter(rejected).select(["source_file", "source_row", "reject_reason", "reject_field",
-                                                      "reject_detail"]).to_pylist():
-                counts["reasons"][row["reject_reason"]] += 1
-                if len(counts["examples"]) < _MAX_EXAMPLES:
-                    counts["examples"].append({"file": row["source_file"], "row": row["source_row"],
-                                               "field": row["reject_field"], "reason": row["reject_reason"],
-                                               "detail": row["reject_detail"][:300]})
-            kept = table.filter(pa.compute.invert(rejected)).drop_columns(
-                ["reject_reason", "reject_field", "reject_detail"])
+            kept = count_rows(block if isinstance(block, pa.Table) else pa.Table.from_pandas(block), counts)
             if kept.num_rows == 0:
                 continue
-            counts["preview_tokens"].update(str(n) for n in kept.column("preview_tokens").to_pylist())
-            kept = kept.drop_columns(["preview_tokens"])
-            counts["written"] += kept.num_rows
-            counts["truncated"] += pa.compute.sum(kept.column("truncated")).as_py() or 0
-            if "labels" in kept.column_names:
-                lengths = pa.compute.list_value_length(kept.column("input_ids"))
-                counts["tokens"] += pa.compute.sum(lengths).as_py() or 0
-                flat = pa.compute.list_flatten(kept.column("labels"))
-                answer = pa.compute.not_equal(flat, IGNORE_INDEX).cast(pa.int64())
-                counts["answer_tokens"] += pa.compute.sum(answer).as_py() or 0
             if writer is None:
                 name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
                 counts["shards"].append(name)
@@ -117,33 +94,20 @@ class PreparedShardsDatasink(Datasink):
             writer.close()
             sink.close()
 
-    @staticmethod
-    def _count_arrivals(table: pa.Table, counts: dict[str, Any]) -> pa.Table:
-        """Count the rows of each file arriving here and take out the end-of-file rows, which carry the number
-        of rows the reader read from each file; returns the table of real rows."""
-        is_end = pa.compute.fill_null(pa.compute.equal(table.column("reject_reason"), END_OF_FILE), False)
-        for row in table.filter(is_end).select(["source_file", "source_row"]).to_pylist():
-            counts["declared"][row["source_file"]] += row["source_row"]
-        table = table.filter(pa.compute.invert(is_end))
-        counts["arrived"].update(table.column("source_file").to_pylist())
-        counts["read"] += table.num_rows
-        return table
-
     def on_write_complete(self, write_result: Any) -> None:
-        total = _empty_counts()
+        total = empty_counts()
         for part in write_result.write_returns:
             for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
                 total[key] += part[key]
             for key in ("reasons", "declared", "arrived", "preview_tokens"):
                 total[key].update(part[key])
-            total["examples"] += part["examples"][: _MAX_EXAMPLES - len(total["examples"])]
+            total["examples"] += part["examples"][: MAX_EXAMPLES - len(total["examples"])]
             total["shards"] += part["shards"]
         self.counts = total
 
 
-def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False) -> tuple[Dataset, list[str]]:
-    """Read + transform as a lazy Ray Dataset: one output row per input row, rejections included, or (for
-    training) only the token columns of accepted rows."""
+def transformed_dataset(cfg: LookaheadConfig) -> tuple[Dataset, list[str]]:
+    """Read + transform as a lazy Ray Dataset: one output row per input row, rejections included."""
     files = expand_inputs(cfg.data)
     source = RecordFileDatasource(files, cfg.data.input_format, cfg.data.max_row_bytes, cfg.data.read_split_bytes)
     # Fractional CPUs for reads and actors: on a 2-CPU node an actor pool holding every CPU starves the reads.
@@ -153,19 +117,12 @@ def transformed_dataset(cfg: LookaheadConfig, accepted_tokens_only: bool = False
                     "for reading", bundles=[{"CPU": cfg.data.cpus_per_actor}] * cfg.data.num_actors,
                     wait_s=cfg.cluster.resource_wait_s)
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
-    ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(), accepted_tokens_only), batch_format="pyarrow",
+    ds = ds.map_batches(PrepareRecords, fn_constructor_args=(cfg.to_dict(),), batch_format="pyarrow",
                         batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_actor,
                         compute=ActorPoolStrategy(size=cfg.data.num_actors))
     # Surface a bad row's RowError itself (not a generic "UDF failed") so the driver can name file/row/field.
     ds.context.raise_original_map_exception = True
     return ds, files
-
-
-def build_training_dataset(cfg: LookaheadConfig) -> Dataset:
-    """The prepared examples as a stream for Ray Train (rejected rows removed, token columns only)."""
-    if not cfg.data.tokenize:
-        raise ConfigError("data.tokenize: training needs token ids, so it must be true")
-    return transformed_dataset(cfg, accepted_tokens_only=True)[0]
 
 
 def find_row_error(exc: BaseException) -> RowError | None:
@@ -234,23 +191,13 @@ def _write_and_count(cfg: LookaheadConfig, ds: Dataset, files: list[str], stagin
                      start: float) -> PrepareReport:
     sink = PreparedShardsDatasink(staging, cfg.data.rows_per_shard)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    counts = sink.counts or _empty_counts()
-    _check_accounting(counts, files, sum(counts["reasons"].values()))
+    counts = sink.counts or empty_counts()
+    check_accounting(counts, files, sum(counts["reasons"].values()))
     fs, _ = storage.resolve(staging)
     for stray in set(storage.list_files(staging)) - {storage.join(staging, s) for s in counts["shards"]}:
         fs.delete_file(storage.resolve(stray)[1])  # e.g. from a retried write task
     mix = _write_safety_mix(cfg, staging, counts) if cfg.data.safety_mix else None
-    rejected = sum(counts["reasons"].values())
-    report = PrepareReport(
-        output_dir=str(output), input_files=files, rows_read=counts["read"], rows_written=counts["written"],
-        rows_truncated=counts["truncated"], rows_rejected=rejected,
-        rejected_by_reason=dict(sorted(counts["reasons"].items())), rejected_examples=counts["examples"],
-        tokens_written=counts["tokens"], answer_tokens_written=counts["answer_tokens"],
-        shards=sorted(counts["shards"]), seconds=round(time.perf_counter() - start, 3),
-        rows_plain=counts["preview_tokens"].get("-1", 0),
-        preview_tokens={k: v for k, v in sorted(counts["preview_tokens"].items(), key=lambda kv: int(kv[0]))
-                        if k != "-1"},
-        safety_mix=mix, tokenizer=_tokenizer_identity(cfg), config=cfg.to_dict())
+    report = prepare_report(cfg, counts, files, str(output), time.perf_counter() - start, mix)
     storage.write_text(storage.join(staging, REPORT_NAME), json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -261,12 +208,7 @@ def _write_safety_mix(cfg: LookaheadConfig, staging: str, counts: dict[str, Any]
     from lookahead_ray.data.safety_mix import mix_safety_rows
 
     table, report = mix_safety_rows(cfg, counts["written"])
-    part = PreparedShardsDatasink(staging, cfg.data.rows_per_shard).write([table], _MixTask())
-    for key in ("read", "written", "truncated", "tokens", "answer_tokens"):
-        counts[key] += part[key]
-    counts["reasons"].update(part["reasons"])
-    counts["shards"] += part["shards"]
-    counts["examples"] += part["examples"][: _MAX_EXAMPLES - len(counts["examples"])]
+    add_safety_counts(counts, PreparedShardsDatasink(staging, cfg.data.rows_per_shard).write([table], _MixTask()))
     return report
 
 
@@ -276,21 +218,3 @@ class _MixTask:
     task_idx = 99999
 
 
-def _tokenizer_identity(cfg: LookaheadConfig) -> dict[str, Any] | None:
-    if not cfg.data.tokenize and cfg.preview.mode != "real":
-        return None
-    from lookahead_ray.modeling import tokenizer_for, tokenizer_identity
-
-    return tokenizer_identity(tokenizer_for(cfg.model), cfg.model.tokenizer_source())
-
-
-def _check_accounting(counts: dict[str, Any], files: list[str], rejected: int) -> None:
-    """Rows read from each file (counted by the reader) must each arrive at the sink exactly once, and each be
-    written or rejected: a dropped or duplicated block fails the run instead of changing the data."""
-    for path in files:
-        if counts["declared"].get(path, 0) != counts["arrived"].get(path, 0) or path not in counts["declared"]:
-            raise RuntimeError(f"row accounting broken for {path}: the reader read {counts['declared'].get(path)} "
-                               f"rows, {counts['arrived'].get(path, 0)} arrived at the writer")
-    if counts["read"] != counts["written"] + rejected:  # the transform must keep one row per input row
-        raise RuntimeError(f"row accounting broken: read {counts['read']} != written {counts['written']} "
-                           f"+ rejected {rejected}")

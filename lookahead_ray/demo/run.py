@@ -25,6 +25,7 @@ from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.demo.world import WORLDS, WorldOptions
 from lookahead_ray.eval.report import plot_safety_vs_utility, report_table
 from lookahead_ray.storage import atomic_file, cache_root, check_output_dir
+from lookahead_ray.train import layout
 
 logger = logging.getLogger(__name__)
 VARIANTS = ("vanilla", "real", "virtual")
@@ -149,12 +150,12 @@ def _eval_config(world: dict[str, str], out: Path, quick: bool) -> dict[str, Any
 
 
 def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) -> str:
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     cfg = _seed_config(world, tokenizer_dir, quick)
     key = _seed_key(cfg, world["alignment"], tokenizer_dir)
     cache = cache_root() / "demo"
-    final = cache / f"seed-{key}" / "final"
+    final = Path(layout.final_dir(str(cache / f"seed-{key}")))
     if (final / "config.json").exists():
         stage(f"seed model: cached in {final}")
         return str(final)
@@ -226,7 +227,8 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
         configs[variant] = variant_config(files, seed_dir, variant, out, quick, m, virtual_prefix, runs[variant], lora)
         step_seconds[variant] = _fine_tune(variant, LookaheadConfig.from_dict(configs[variant]))
         timings[variant] = time.perf_counter() - mark
-    models = [("seed", seed_dir)] + [(variant, str(out / "runs" / label / "final")) for variant, label in runs.items()]
+    models = [("seed", seed_dir)] + [(variant, layout.final_dir(str(out / "runs" / label)))
+                                     for variant, label in runs.items()]
     mark = time.perf_counter()
     stage(f"eval: RSR, JSR, utility, benign over-refusal and drift for seed, {', '.join(variants)}")
     eval_cfg = _eval_config(files, out, quick)
@@ -253,7 +255,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
 def _fine_tune(variant: str, cfg: LookaheadConfig) -> float | None:
     """prepare -> train of one method; returns its mean optimizer-step seconds."""
     from lookahead_ray.data.pipeline import run_prepare
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     lora_note = ", LoRA adapters" if cfg.train.lora else ""
     stage(f"{variant}: prepare (Ray Data) -> train (Ray Train + DeepSpeed, {cfg.train.max_steps} steps{lora_note})")

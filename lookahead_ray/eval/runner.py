@@ -30,6 +30,7 @@ from lookahead_ray.eval.safety import keyword_refusal, safe_rates
 from lookahead_ray.eval.utility import utility_score, utility_summary
 from lookahead_ray.modeling import adapter_base, model_marker
 from lookahead_ray.prompts import user_prompt_messages
+from lookahead_ray.train.layout import FINAL_DIR
 
 logger = logging.getLogger(__name__)
 MARKER = "eval_config.yaml"
@@ -44,7 +45,7 @@ def parse_model_args(values: list[str]) -> list[tuple[str, str]]:
         if not sep or os.path.isdir(value) or os.sep in name:
             directory = value
             path = Path(value.rstrip("/"))
-            name = path.parent.name if path.name == "final" else path.name
+            name = path.parent.name if path.name == FINAL_DIR else path.name
         models.append((name, directory))
     return models
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import re
 from dataclasses import dataclass
 
 from lookahead_ray import storage
+from lookahead_ray.train.layout import CHECKPOINT_PREFIX, COMPLETE_MARKER, checkpoint, complete_marker
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "checkpoint_"
-MARKER = re.compile(r"complete-rank(\d+)\.json")
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class CheckpointOnStorage:
 
 def mark_complete(directory: str, rank: int, world_size: int, step: int) -> None:
     """This rank's last write into a checkpoint: from here on its part of ``directory`` is whole."""
-    with storage.atomic_file(storage.join(directory, f"complete-rank{rank}.json")) as f:
+    with storage.atomic_file(complete_marker(directory, rank)) as f:
         f.write(json.dumps({"step": step, "world_size": world_size}) + "\n")
 
 
@@ -44,7 +42,7 @@ def survey(run_location: str) -> tuple[list[CheckpointOnStorage], list[str]]:
             files.setdefault(top, set()).add(rest)
     complete, incomplete = [], []
     for name, names in sorted(files.items()):
-        location = storage.join(run_location, name)
+        location = checkpoint(run_location, name)
         step = _complete_step(location, names)
         if step is None:
             incomplete.append(location)
@@ -75,7 +73,7 @@ def remove_incomplete(run_location: str) -> list[str]:
 
 
 def _complete_step(location: str, names: set[str]) -> int | None:
-    ranks = {int(m.group(1)): name for name in names if (m := MARKER.fullmatch(name))}
+    ranks = {int(m.group(1)): name for name in names if (m := COMPLETE_MARKER.fullmatch(name))}
     if not ranks:
         return None
     markers = [json.loads(storage.read_text(storage.join(location, name))) for name in ranks.values()]

@@ -21,11 +21,9 @@ import yaml
 from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ExportMismatchError
+from lookahead_ray.train.layout import CONFIG_FILE, DS_SUBDIR, EXPORT_CHECK_FILE, FINAL_DIR, HF_SUBDIR, ds_dir
 
 CHECKPOINT_TAG = "state"
-HF_SUBDIR = "hf"
-EXPORT_CHECK_FILE = "export_check.pt"
-CONFIG_FILE = "lookahead_config.yaml"
 RELATIVE_TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
 """Largest logit difference between the export and the engine, as a fraction of the largest |logit|."""
 MIN_ARGMAX_AGREEMENT = 0.99
@@ -36,7 +34,7 @@ def save_state(engine: Any, directory: str, position: dict[str, Any], cfg: Looka
     (step, epoch, micro-batches consumed, data hash); rank 0 adds the run's config, so
     ``lookahead-ray export --checkpoint`` can rebuild the model from the checkpoint alone."""
     # With LoRA the frozen base is not saved: it is rebuilt from model.name_or_path (or model.tiny and the seed).
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG, client_state=dict(position),
+    engine.save_checkpoint(ds_dir(directory), tag=CHECKPOINT_TAG, client_state=dict(position),
                            exclude_frozen_parameters=cfg.train.lora is not None)
     if rank == 0:
         with storage.atomic_file(os.path.join(directory, CONFIG_FILE)) as f:  # never a 0-byte config on a full disk
@@ -46,7 +44,7 @@ def save_state(engine: Any, directory: str, position: dict[str, Any], cfg: Looka
 def load_state(engine: Any, directory: str, adapters_only: bool = False) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_state`; returns its data position. ``adapters_only``: a LoRA
     run's checkpoint, which holds the adapters and leaves the frozen base as built."""
-    _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag=CHECKPOINT_TAG,
+    _, client_state = engine.load_checkpoint(ds_dir(directory), tag=CHECKPOINT_TAG,
                                              load_module_strict=not adapters_only)
     return client_state
 
@@ -179,7 +177,7 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     from lookahead_ray import storage
 
     root = Path(checkpoint_dir)
-    if not (root / CONFIG_FILE).is_file() or not (root / "ds").is_dir():
+    if not (root / CONFIG_FILE).is_file() or not (root / DS_SUBDIR).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir} is not a lookahead-ray checkpoint (no {CONFIG_FILE} and ds/)")
     storage.check_output_dir(final_dir, CONFIG_FILE, "export --output-dir", inputs=[checkpoint_dir])
     cfg = LookaheadConfig.from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()), source=str(root / CONFIG_FILE))
@@ -188,7 +186,7 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
         model, tokenizer, state = _lora_model(cfg, root)
     else:
         model, tokenizer = _empty_model(cfg, root)  # on the meta device: no weights of its own (7B: no 27 GB copy)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(ds_dir(str(root)), tag=CHECKPOINT_TAG)
     expected = set(model.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
@@ -199,7 +197,7 @@ def export_checkpoint(checkpoint_dir: str, final_dir: str) -> dict[str, Any]:
     model = model.to(dtype)
     with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
         # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
-        staging = Path(scratch, "final") if storage.is_uri(final_dir) else storage.staging_path(final_dir)
+        staging = Path(scratch, FINAL_DIR) if storage.is_uri(final_dir) else storage.staging_path(final_dir)
         if cfg.train.lora is not None:
             _save_lora(model, state, tokenizer, cfg, str(staging), {})
         else:
@@ -229,7 +227,7 @@ def _lora_model(cfg: LookaheadConfig, root: Path) -> tuple[Any, Any, dict[str, A
     model = build_model(cfg.model, tokenizer, cfg.train.seed, dtype=torch_dtype(cfg.train.precision))
     torch.manual_seed(cfg.train.seed)
     model = add_adapters(model, cfg.train.lora, cfg.model.name_or_path)
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG,
+    trained = get_fp32_state_dict_from_zero_checkpoint(ds_dir(str(root)), tag=CHECKPOINT_TAG,
                                                        exclude_frozen_parameters=True)
     state = model.state_dict()
     wanted = {name for name, p in model.named_parameters() if p.requires_grad}

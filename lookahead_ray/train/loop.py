@@ -1,8 +1,8 @@
 """The one training procedure, run on every worker: DeepSpeed ZeRO-2/3 over prepared batches.
 
 ``train_fn_per_worker(loop_config)`` is what Ray Train runs on every worker; everything it needs travels in
-``loop_config`` (the serialised typed config, the step count and the log directory), nothing comes from
-module globals. ``run_loop`` is the same procedure against any :class:`~lookahead_ray.train.worker_io.WorkerIO`,
+:class:`LoopSettings` (the serialised typed config, the step count, the data and the log directory), nothing comes
+from module globals. ``run_loop`` is the same procedure against any :class:`~lookahead_ray.train.worker_io.WorkerIO`,
 which is how the single-process path reuses it. Checkpoint layout: see ``train.export``.
 """
 
@@ -24,11 +24,12 @@ from lookahead_ray.modeling import build_model, local_model_dir, tokenizer_for, 
 from lookahead_ray.train.checkpoints import mark_complete
 from lookahead_ray.train.data_order import TokenStore, chain, epoch_batches, epoch_plan
 from lookahead_ray.train.deepspeed_config import build_deepspeed_config, lr_multiplier
-from lookahead_ray.train.export import EXPORT_CHECK_FILE, HF_SUBDIR, export_model, load_state, save_state, verify_export
+from lookahead_ray.train.export import export_model, load_state, save_state, verify_export
+from lookahead_ray.train.layout import EXPORT_CHECK_FILE, HF_SUBDIR
 from lookahead_ray.train.lora import add_adapters, check_adapters, load_quantized, parameter_counts
 from lookahead_ray.train.metrics import MetricWriters, StepMeter
 from lookahead_ray.train.objectives import ConstrainedObjective, SFTObjective, reference_deepspeed_config
-from lookahead_ray.train.worker_io import WorkerIO
+from lookahead_ray.train.worker_io import LoopSettings, WorkerIO
 from lookahead_ray.train.zero3_loading import load_zero3_model
 
 Batch = dict[str, Any]  # column -> token-id lists
@@ -40,25 +41,25 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (runs on every worker)."""
     from lookahead_ray.train.worker_io import RayWorkerIO
 
-    run_loop(loop_config, RayWorkerIO(loop_config["config"]["train"]["resume_from"], loop_config.get("run_location")))
+    settings = LoopSettings(**loop_config)
+    run_loop(settings, RayWorkerIO(settings.config["train"]["resume_from"], settings.run_location))
 
 
-def run_loop(loop_config: dict[str, Any], io: WorkerIO) -> dict[str, Any]:
-    """Train ``loop_config["total_steps"]`` optimizer steps, resuming from the worker's latest checkpoint, then
-    save the final state and the Hugging Face export. Returns the final metrics (also reported with it)."""
+def run_loop(settings: LoopSettings, io: WorkerIO) -> dict[str, Any]:
+    """Train ``settings.total_steps`` optimizer steps, resuming from the worker's latest checkpoint, then save the
+    final state and the Hugging Face export. Returns the final metrics (also reported with it)."""
     entered = time.perf_counter()
-    cfg = LookaheadConfig.from_dict(loop_config["config"])
-    total_steps = int(loop_config["total_steps"])
+    cfg = LookaheadConfig.from_dict(settings.config)
+    total_steps = settings.total_steps
     engine, tokenizer, device, objective = setup_engine(cfg, io.world_size, total_steps)
     position = _resume(engine, io, adapters_only=cfg.train.lora is not None)
     meter = StepMeter(cfg.train.gradient_accumulation_steps, io.world_size, device,
                       setup_seconds=time.perf_counter() - entered,
                       resumed_from_step=position.step if position.resumed else None)
     trainable, total = parameter_counts(engine.module)
-    writers = MetricWriters(loop_config["log_dir"], cfg.train, loop_config.get("progress")) if io.world_rank == 0 \
-        else None
+    writers = MetricWriters(settings.log_dir, cfg.train, settings.progress) if io.world_rank == 0 else None
     try:  # close TensorBoard / MLflow even when training or the export fails
-        store = TokenStore(loop_config["tokens"])
+        store = TokenStore(settings.tokens)
         probe = _fit(engine, store, tokenizer.pad_token_id, device, cfg, io, total_steps, position, meter, writers,
                      objective)
         if probe is None:  # resumed at the very end (e.g. after a failed export check): still check the export

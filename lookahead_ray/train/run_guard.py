@@ -18,6 +18,7 @@ from typing import Any
 from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError
+from lookahead_ray.train.layout import run_record
 
 # train.* keys that do not change the trained weights: where things go, how often to report, how to recover.
 OPERATIONAL_TRAIN_KEYS = {"output_dir", "storage_path", "run_name", "use_gpu", "cpus_per_worker",
@@ -44,10 +45,6 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_path(train_dir: str, run_name: str) -> str:
-    return storage.join(train_dir, f"run_{run_name}.json")
-
-
 def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, Any] | None:
     """Apply ``train.resume`` to an existing run of the same name; returns its record when it finished with
     the same settings (nothing to train), else None after writing this run's record.
@@ -56,7 +53,7 @@ def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, A
         ConfigError: the run exists with other settings (the differing keys are named) and resume is auto.
     """
     settings = training_settings(cfg)
-    path = record_path(train_dir, cfg.train.run_name)
+    path = run_record(train_dir, cfg.train.run_name)
     previous = json.loads(storage.read_text(path)) if storage.is_file(path) else None
     if cfg.train.resume == "never":
         _move_aside(run_dir)
@@ -80,7 +77,7 @@ def check_run(cfg: LookaheadConfig, train_dir: str, run_dir: str) -> dict[str, A
 def finished_run(cfg: LookaheadConfig, train_dir: str) -> dict[str, Any] | None:
     """The record of a run of this name that finished with these settings (nothing to train), else None.
     Reads only: :func:`check_run` decides everything else."""
-    path = record_path(train_dir, cfg.train.run_name)
+    path = run_record(train_dir, cfg.train.run_name)
     if cfg.train.resume == "never" or not storage.is_file(path):
         return None
     record = json.loads(storage.read_text(path))
@@ -89,7 +86,7 @@ def finished_run(cfg: LookaheadConfig, train_dir: str) -> dict[str, Any] | None:
 
 
 def mark_finished(cfg: LookaheadConfig, train_dir: str, metrics: dict[str, Any]) -> None:
-    path = record_path(train_dir, cfg.train.run_name)
+    path = run_record(train_dir, cfg.train.run_name)
     record = json.loads(storage.read_text(path))
     _write(path, {**record, "finished": True, "metrics": metrics})
 

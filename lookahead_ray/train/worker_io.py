@@ -1,9 +1,11 @@
-"""Where the training loop gets its data and sends its metrics and checkpoints: a worker's I/O.
+"""What a worker is given (:class:`LoopSettings`) and where the training loop gets its data and sends its metrics
+and checkpoints: a worker's I/O.
 
-The loop (``train.loop.run_loop``) is written once against this small surface. ``RayWorkerIO`` maps it onto
-Ray Train (dataset shard, ``ray.train.report``, ``ray.train.get_checkpoint``); ``LocalWorkerIO`` runs the same
-loop in one process without Ray (single-GPU debugging, machines without Ray). Only ``RayWorkerIO`` imports ray,
-and only when it is constructed.
+The loop (``train.loop.run_loop``) is written once against this small surface; it reads its examples itself
+(``train.data_order``: the node's memory-mapped token cache), not through Ray. ``RayWorkerIO`` maps the surface
+onto Ray Train (world rank and size, ``ray.train.report``, the newest complete checkpoint); ``LocalWorkerIO`` runs
+the same loop in one process without Ray (``train --local``: single-GPU debugging, machines without Ray). Only
+``RayWorkerIO`` imports ray, and only when it is constructed.
 """
 
 from __future__ import annotations
@@ -15,14 +17,33 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from lookahead_ray import storage
 from lookahead_ray.storage import publish_dir, staging_path
+from lookahead_ray.train.layout import CHECKPOINT_PREFIX
 
 logger = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything a worker needs, as plain data (Ray Train sends ``train_loop_config`` as a dict of it)."""
+
+    config: dict[str, Any]
+    """The run's typed config, serialised (``LookaheadConfig.to_dict``)."""
+    total_steps: int
+    tokens: str
+    """The run's ``prepare`` output (a path or a URI), or ``train --local``'s token file."""
+    log_dir: str
+    """TensorBoard's directory (``layout.tensorboard_dir``)."""
+    progress: str | None = None
+    """The name of the driver's progress board (an actor) rank 0 sends each step to, if any."""
+    run_location: str | None = None
+    """The run's checkpoint directory on storage, resumed from its newest complete checkpoint (Ray only)."""
 
 
 class WorkerIO(Protocol):
@@ -73,7 +94,7 @@ class RayWorkerIO:
 
         import torch.distributed as dist
 
-        name = [f"checkpoint_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"]  # Ray Train's own naming
+        name = [f"{CHECKPOINT_PREFIX}{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"]  # Ray Train's own naming
         if dist.is_initialized():
             dist.broadcast_object_list(name, src=0)  # every rank writes into the same directory
         directory = os.path.join(self._experiment_dir, name[0])
@@ -119,8 +140,8 @@ class LocalWorkerIO:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: list[dict[str, Any]] = []
         # Only this class's own numbered checkpoints (a Ray Train run in the same folder names its by date).
-        self.checkpoints: list[Path] = sorted(p for p in self.run_dir.glob("checkpoint_*")
-                                              if p.name.removeprefix("checkpoint_").isdigit())
+        self.checkpoints: list[Path] = sorted(p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                                              if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit())
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -140,7 +161,7 @@ class LocalWorkerIO:
         if checkpoint_dir is None:
             return
         index = int(self.checkpoints[-1].name.split("_")[-1]) + 1 if self.checkpoints else 0
-        target = self.run_dir / f"checkpoint_{index:06d}"
+        target = self.run_dir / f"{CHECKPOINT_PREFIX}{index:06d}"
         staging = staging_path(target)  # a crash mid-copy must not leave a checkpoint_* that resume would pick
         shutil.copytree(checkpoint_dir, staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, default=str))

@@ -22,6 +22,7 @@ from lookahead_ray import storage
 from lookahead_ray.config import LookaheadConfig, apply_overrides
 from lookahead_ray.errors import ConfigError
 from lookahead_ray.methods import trial_config
+from lookahead_ray.train import layout
 from lookahead_ray.tune import objective, space
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from lookahead_ray.eval.runner import run_eval
-    from lookahead_ray.train.driver import run_training
+    from lookahead_ray.train.execute import run_training
 
     DataContext.get_current().enable_progress_bars = False  # the search prints one line per trial instead
     trial_id = ray.tune.get_context().get_trial_id()
@@ -200,7 +201,7 @@ def run_trial(config: dict[str, Any]) -> None:
     scored = objective.score(metrics, config["seed_metrics"], cfg.tune.objective)
     checkpoint = result.checkpoint_dir
     if not cfg.tune.keep_trial_checkpoints:  # the trial is done: its export stays, the ZeRO states go
-        _remove_checkpoints(storage.join(trial_dir, "train", cfg.train.run_name))
+        _remove_checkpoints(layout.trial_run_dir(trial_dir, cfg.train.run_name))
         checkpoint = "(removed: tune.keep_trial_checkpoints is false)"
     ray.tune.report({**scored, "label": space.label(config["overrides"]), "metrics_json": json.dumps(metrics),
                      "checkpoint_path": checkpoint, "final_dir": result.final_dir})
@@ -212,7 +213,7 @@ def _remove_checkpoints(run_dir: str) -> None:
 
     fs, path = storage.resolve(run_dir)
     for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith(layout.CHECKPOINT_PREFIX):
             storage.remove_tree(storage.join(run_dir, entry.base_name))
 
 

@@ -1,6 +1,7 @@
-"""Training drivers: ``run_training`` (Ray Train + DeepSpeed across workers) and ``run_training_local`` (one
-process, no Ray). Both validate the config before any heavy work, run the one loop of ``train.loop`` and
-leave a reloadable Hugging Face export in ``<train dir>/final``.
+"""Executing a training plan: ``execute(plan, backend)`` holds a run's sequence once (finished? identity, data,
+the loop on the backend's workers, export, result); ``RayBackend`` runs the loop on Ray Train workers driving
+DeepSpeed ZeRO (``run_training``), ``LocalBackend`` in this process without Ray (``run_training_local``). Either
+leaves a reloadable Hugging Face export in ``<train dir>/final``.
 
 ``build_trainer`` returns the ``TorchTrainer`` without running it, so a Ray Tune trial supplies only its run
 name, storage path and ``TuneReportCallback``.
@@ -9,6 +10,7 @@ name, storage path and ``TuneReportCallback``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,13 +28,14 @@ from typing import Any
 from lookahead_ray import console, storage
 from lookahead_ray.config import LookaheadConfig
 from lookahead_ray.errors import ConfigError, ExportMismatchError, LookaheadError, RunInterrupted, fixable_os_error
+from lookahead_ray.train import layout
 from lookahead_ray.train.checkpoints import newest_complete, remove_incomplete
+from lookahead_ray.train.layout import train_dir
+from lookahead_ray.train.plan import TrainPlan, plan_training
 from lookahead_ray.train.run_guard import check_run, finished_run, mark_finished
+from lookahead_ray.train.worker_io import LoopSettings
 
 logger = logging.getLogger(__name__)
-FINAL_DIR = "final"
-FAILED_EXPORT_DIR = "export_failed"
-RESULT_FILE = "train_result.json"
 
 
 @dataclass
@@ -44,52 +47,6 @@ class TrainResult:
     metrics: dict[str, Any]
     already_finished: bool = False
     """The run had finished with the same settings before: nothing was trained or exported this time."""
-
-
-def train_dir(cfg: LookaheadConfig) -> str:
-    """The absolute run directory of ``train`` (``train.output_dir``, or ``<output_dir>/train``).
-
-    Raises:
-        ConfigError: neither is set.
-    """
-    directory = cfg.stage_dir("train")
-    if not directory:
-        raise ConfigError("train.output_dir is not set (use --output-dir DIR, or set output_dir for the whole run)")
-    return storage.absolute(directory)
-
-
-def check_prepared_tokenizer(cfg: LookaheadConfig) -> None:
-    """Refuse shards whose token ids come from another tokenizer than the one this run trains with.
-
-    Raises:
-        ConfigError: the prepare report records a different tokenizer (both named) or none at all.
-    """
-    from lookahead_ray.data.report import REPORT_NAME, read_report
-    from lookahead_ray.modeling import tokenizer_for, tokenizer_identity, tokenizer_mismatch
-
-    prepared_dir = cfg.train.prepared_dir
-    if not storage.is_complete(prepared_dir, REPORT_NAME):
-        raise ConfigError(f"train.prepared_dir: {prepared_dir} has no {REPORT_NAME}; was it written by `prepare`?")
-    prepared = read_report(prepared_dir).get("tokenizer")
-    if prepared is None:
-        raise ConfigError(f"train.prepared_dir: {prepared_dir}/{REPORT_NAME} records no tokenizer (prepared without "
-                          "tokenization, or by an older lookahead-ray); run `prepare` again")
-    report_config = read_report(prepared_dir).get("config", {})
-    defaults = LookaheadConfig().to_dict()  # a key the report lacks (an older prepare) had its default
-    changed = [f"{section}.{key}" for section in ("preview", "records", "tokenization")
-               for key, value in cfg.to_dict()[section].items()
-               if section in report_config and report_config[section].get(key, defaults[section][key]) != value]
-    if "data" in report_config and report_config["data"].get("safety_mix") != cfg.to_dict()["data"]["safety_mix"]:
-        changed.append("data.safety_mix")
-    if changed:
-        raise ConfigError(f"train.prepared_dir: {prepared_dir} was prepared with other settings ({', '.join(changed)}); "
-                          "prepare again with this config, or train from data.inputs")
-    source = cfg.model.tokenizer_source()
-    differences = tokenizer_mismatch(prepared, tokenizer_identity(tokenizer_for(cfg.model), source))
-    if differences:
-        raise ConfigError(f"train.prepared_dir: {prepared_dir} was tokenized with {prepared['source']!r}, but this run "
-                          f"trains with {source!r} ({', '.join(differences)} differ); prepare again with the "
-                          "model's tokenizer")
 
 
 def total_steps(cfg: LookaheadConfig, rows: int, world_size: int) -> int:
@@ -136,14 +93,10 @@ def _run_steps(cfg: LookaheadConfig, tokens: str, world_size: int, on_ray: bool)
     return steps
 
 
-def loop_config(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None,
-                run_location: str | None = None) -> dict[str, Any]:
-    """Everything a worker needs, as plain data: the typed config serialised, the step count, where the examples
-    are, the TensorBoard location, the name of the driver's progress board (an actor), if any, and the run's
-    checkpoint directory on storage (a path or a URI), resumed from its newest complete checkpoint."""
-    return {"config": cfg.to_dict(), "total_steps": steps, "tokens": tokens,
-            "log_dir": storage.join(train_dir(cfg), "tensorboard", cfg.train.run_name), "progress": progress,
-            "run_location": run_location}
+def loop_settings(cfg: LookaheadConfig, steps: int, tokens: str, progress: str | None = None,
+                  run_location: str | None = None) -> LoopSettings:
+    """What every worker of the run is given (see :class:`~lookahead_ray.train.worker_io.LoopSettings`)."""
+    return LoopSettings(cfg.to_dict(), steps, tokens, layout.tensorboard_dir(cfg), progress, run_location)
 
 
 def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_name: str, storage_path: str,
@@ -167,7 +120,8 @@ def build_trainer(cfg: LookaheadConfig, total_steps: int, tokens: str, *, run_na
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config(cfg, total_steps, tokens, progress, storage.join(storage_path, run_name)),
+        train_loop_config=dataclasses.asdict(loop_settings(cfg, total_steps, tokens, progress,
+                                                           storage.join(storage_path, run_name))),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
@@ -184,7 +138,7 @@ def _prepare_for_training(cfg: LookaheadConfig, output_dir: str) -> LookaheadCon
     from lookahead_ray.config import apply_overrides
     from lookahead_ray.data.pipeline import run_prepare
 
-    prepared = storage.join(output_dir, f"prepared_{cfg.train.run_name}")
+    prepared = layout.prepared_dir(output_dir, cfg.train.run_name)
     # run_training checked what every node must see (the train directory, the inputs): not again here.
     # The run directory above it is held already (by this run, or by the search for a trial).
     report = run_prepare(apply_overrides(cfg, {"data.output_dir": prepared}), locations_checked=True,
@@ -201,62 +155,149 @@ def run_training(cfg: LookaheadConfig, callbacks: Sequence[Any] = (), hold_outpu
     ``hold_output``: False for a Tune trial, whose directory is its own and whose search holds the search's
     directory (a trial rerun after its search was killed must not wait on the dead trial's lock)."""
     with storage.held_output(train_dir(cfg), "train.output_dir") if hold_output else contextlib.nullcontext():
-        return _train_on_ray(cfg, callbacks)
+        return execute(_checked_plan(cfg), RayBackend(callbacks))
 
 
-def _train_on_ray(cfg: LookaheadConfig, callbacks: Sequence[Any]) -> TrainResult:
-    from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_resources, check_visible_on_every_node, init_ray
-    from lookahead_ray.train.plan import plan_training
+def run_training_local(cfg: LookaheadConfig) -> TrainResult:
+    """The same loop in this process, without Ray (single GPU or CPU); ``train.num_workers`` is ignored."""
+    with storage.held_output(train_dir(cfg), "train.output_dir"):
+        return execute(_checked_plan(cfg), LocalBackend())
 
-    plan = plan_training(cfg).check()
-    for warning in plan.warnings:
-        logger.warning("%s", warning)
-    train, output_dir, storage_path = cfg.train, plan.output_dir, plan.storage_path
+
+def _checked_plan(cfg: LookaheadConfig) -> TrainPlan:
+    return plan_training(cfg).check()
+
+
+def execute(plan: TrainPlan, backend: RayBackend | LocalBackend) -> TrainResult:
+    """A run's one sequence, on either backend: a finished run is reported, not trained again; the run's record is
+    checked (``run_guard``); the data is tokenized (or read prepared), the loop runs on the backend's workers, and
+    the last checkpoint's export is published to ``final/`` with the final metrics beside it."""
+    cfg, output_dir = plan.cfg, plan.output_dir
+    backend.announce(plan)
     finished = finished_run(cfg, output_dir)  # read only: a finished run starts nothing, not even Ray
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    console.use_output_dir(output_dir)
-    if plan.cost is not None:
-        logger.info("cost: %s", plan.cost_line())
-    init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(train.worker_start_timeout_s)})
-    check_visible_on_every_node(plan.outputs, plan.inputs)  # before anything is written there
-    finished = check_run(cfg, output_dir, run_dir=plan.run_dir)
+    backend.start(plan)
+    finished = check_run(cfg, output_dir, run_dir=backend.run_dir(plan))
     if finished:
         return _finished(cfg, output_dir, finished["metrics"])
-    check_resources(plan.resources, "train.num_workers / train.cpus_per_worker / train.use_gpu", plan.resource_line(),
-                    bundles=plan.worker_bundles, wait_s=cfg.cluster.resource_wait_s)
-    if not train.prepared_dir:
-        cfg = _prepare_for_training(cfg, output_dir)
-    tokens = storage.absolute(cfg.train.prepared_dir)
-    steps = _run_steps(cfg, tokens, train.num_workers, on_ray=True)
-    remove_incomplete(plan.run_dir)  # never resumed from; nothing writes into the run yet
-    with console.training_progress(steps, f"train {train.run_name}") as seen:
-        trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=storage_path,
-                                callbacks=callbacks, progress=seen.name)
-        logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
-                    train.precision)
-        with _stopped_by_ctrl_c(trainer) as interrupted:
-            try:
-                result = trainer.fit()
-            except Exception as exc:  # Ray Train raises the workers' failure itself (or, after Ctrl-C, the abort)
-                if not interrupted.is_set():
-                    user = _user_error(exc, plan.run_dir)
-                    if user is None:
-                        raise
-                    raise user from exc
-    if interrupted.is_set():  # after the progress board's last records are in
-        raise RunInterrupted(_interrupted_line(seen.step, plan.run_dir)) from None
-    if result.error is not None:
-        raise result.error
-    metrics = dict(result.metrics or {})
-    # Where Ray Train put it, with the scheme (its Checkpoint.path has the filesystem's prefix stripped).
-    checkpoint = storage.join(storage_path, train.run_name, posixpath.basename(result.checkpoint.path.rstrip("/")))
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        final = _publish_export(checkpoint_dir, output_dir, metrics, checkpoint, train.verify_export)
+    backend.check_resources(plan)
+    cfg, tokens = backend.data(cfg, output_dir)  # the config now names the prepared data it trains on
+    steps = _run_steps(cfg, tokens, backend.world_size(cfg), on_ray=backend.on_ray)
+    with backend.run(cfg, plan, tokens, steps) as (metrics, checkpoint, checkpoint_dir):
+        final = _publish_export(checkpoint_dir, output_dir, metrics, checkpoint, cfg.train.verify_export)
     metrics["checkpoint_dir"] = checkpoint
     _write_result(output_dir, metrics)
     mark_finished(cfg, output_dir, metrics)
     return TrainResult(final, checkpoint, metrics)
+
+
+class RayBackend:
+    """Ray Train workers (a ``TorchTrainer``), on a local Ray or the cluster in ``RAY_ADDRESS``."""
+
+    on_ray = True
+
+    def __init__(self, callbacks: Sequence[Any] = ()) -> None:
+        self.callbacks = callbacks
+
+    def announce(self, plan: TrainPlan) -> None:
+        for warning in plan.warnings:
+            logger.warning("%s", warning)
+
+    def start(self, plan: TrainPlan) -> None:
+        from lookahead_ray.runtime import WORKER_START_TIMEOUT_ENV, check_visible_on_every_node, init_ray
+
+        console.use_output_dir(plan.output_dir)
+        if plan.cost is not None:
+            logger.info("cost: %s", plan.cost_line())
+        init_ray(env_vars={WORKER_START_TIMEOUT_ENV: str(plan.cfg.train.worker_start_timeout_s)})
+        check_visible_on_every_node(plan.outputs, plan.inputs)  # before anything is written there
+
+    def run_dir(self, plan: TrainPlan) -> str:
+        return plan.run_dir
+
+    def check_resources(self, plan: TrainPlan) -> None:
+        from lookahead_ray.runtime import check_resources
+
+        check_resources(plan.resources, "train.num_workers / train.cpus_per_worker / train.use_gpu",
+                        plan.resource_line(), bundles=plan.worker_bundles, wait_s=plan.cfg.cluster.resource_wait_s)
+
+    def data(self, cfg: LookaheadConfig, output_dir: str) -> tuple[LookaheadConfig, str]:
+        """``prepare`` on Ray Data into the run directory, unless ``train.prepared_dir`` names a finished one."""
+        if not cfg.train.prepared_dir:
+            cfg = _prepare_for_training(cfg, output_dir)
+        return cfg, storage.absolute(cfg.train.prepared_dir)
+
+    def world_size(self, cfg: LookaheadConfig) -> int:
+        return cfg.train.num_workers
+
+    @contextlib.contextmanager
+    def run(self, cfg: LookaheadConfig, plan: TrainPlan, tokens: str, steps: int) -> Iterator[tuple[dict, str, str]]:
+        """Fit the worker group; yields the final metrics, the last checkpoint's location (with its scheme) and a
+        local directory of it. Ctrl-C stops the workers and raises :class:`RunInterrupted` with the step to resume."""
+        train = cfg.train
+        remove_incomplete(plan.run_dir)  # never resumed from; nothing writes into the run yet
+        with console.training_progress(steps, f"train {train.run_name}") as seen:
+            trainer = build_trainer(cfg, steps, tokens, run_name=train.run_name, storage_path=plan.storage_path,
+                                    callbacks=self.callbacks, progress=seen.name)
+            logger.info("training %d steps on %d workers (ZeRO-%d, %s)", steps, train.num_workers, train.zero_stage,
+                        train.precision)
+            with _stopped_by_ctrl_c(trainer) as interrupted:
+                try:
+                    result = trainer.fit()
+                except Exception as exc:  # Ray Train raises the workers' failure itself (or, after Ctrl-C, the abort)
+                    if not interrupted.is_set():
+                        user = _user_error(exc, plan.run_dir)
+                        if user is None:
+                            raise
+                        raise user from exc
+        if interrupted.is_set():  # after the progress board's last records are in
+            raise RunInterrupted(_interrupted_line(seen.step, plan.run_dir)) from None
+        if result.error is not None:
+            raise result.error
+        # Where Ray Train put it, with the scheme (its Checkpoint.path has the filesystem's prefix stripped).
+        checkpoint = layout.checkpoint(plan.run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            yield dict(result.metrics or {}), checkpoint, checkpoint_dir
+
+
+class LocalBackend:
+    """This process, without Ray: the same loop with :class:`~lookahead_ray.train.worker_io.LocalWorkerIO`."""
+
+    on_ray = False
+
+    def announce(self, plan: TrainPlan) -> None:
+        """Nothing: the local path has always run quietly on a plan's warnings (a dry run shows them)."""
+
+    def start(self, plan: TrainPlan) -> None:
+        if storage.is_uri(plan.output_dir):
+            raise ConfigError(f"train.output_dir: {plan.output_dir}: train --local writes to a local directory; "
+                              "use a path, or train on Ray (without --local) to write to a URI")
+
+    def run_dir(self, plan: TrainPlan) -> str:
+        return layout.local_run_dir(plan.output_dir, plan.cfg.train.run_name)
+
+    def check_resources(self, plan: TrainPlan) -> None:
+        """Nothing to ask of a cluster: this process is the worker."""
+
+    def data(self, cfg: LookaheadConfig, output_dir: str) -> tuple[LookaheadConfig, str]:
+        """The transform in this process into one token file, unless ``train.prepared_dir`` names a ``prepare``."""
+        if cfg.train.prepared_dir:
+            return cfg, storage.absolute(cfg.train.prepared_dir)
+        return cfg, _tokens_locally(cfg, output_dir)
+
+    def world_size(self, cfg: LookaheadConfig) -> int:
+        return 1
+
+    @contextlib.contextmanager
+    def run(self, cfg: LookaheadConfig, plan: TrainPlan, tokens: str, steps: int) -> Iterator[tuple[dict, str, str]]:
+        from lookahead_ray.train.loop import run_loop
+        from lookahead_ray.train.worker_io import LocalWorkerIO
+
+        io = LocalWorkerIO(self.run_dir(plan), cfg.train.keep_checkpoints, resume_from=cfg.train.resume_from)
+        metrics = run_loop(loop_settings(cfg, steps, tokens), io)
+        checkpoint = str(io.checkpoints[-1])
+        yield metrics, checkpoint, checkpoint
 
 
 @contextlib.contextmanager
@@ -314,42 +355,10 @@ def _user_error(error: BaseException, run_dir: str) -> BaseException | None:
     return fixable
 
 
-def run_training_local(cfg: LookaheadConfig) -> TrainResult:
-    """The same loop in this process, without Ray (single GPU or CPU); ``train.num_workers`` is ignored."""
-    with storage.held_output(train_dir(cfg), "train.output_dir"):
-        return _train_here(cfg)
-
-
-def _train_here(cfg: LookaheadConfig) -> TrainResult:
-    from lookahead_ray.train.loop import run_loop
-    from lookahead_ray.train.plan import plan_training
-    from lookahead_ray.train.worker_io import LocalWorkerIO
-
-    plan = plan_training(cfg).check()
-    output_dir = plan.output_dir
-    if storage.is_uri(output_dir):
-        raise ConfigError(f"train.output_dir: {output_dir}: train --local writes to a local directory; "
-                          "use a path, or train on Ray (without --local) to write to a URI")
-    finished = check_run(cfg, output_dir, run_dir=os.path.join(output_dir, cfg.train.run_name))
-    if finished:
-        return _finished(cfg, output_dir, finished["metrics"])
-    tokens = storage.absolute(cfg.train.prepared_dir) if cfg.train.prepared_dir else _tokens_locally(cfg, output_dir)
-    steps = _run_steps(cfg, tokens, world_size=1, on_ray=False)
-    io = LocalWorkerIO(Path(output_dir) / cfg.train.run_name, cfg.train.keep_checkpoints,
-                       resume_from=cfg.train.resume_from)
-    metrics = run_loop(loop_config(cfg, steps, tokens), io)
-    checkpoint = str(io.checkpoints[-1])
-    final = _publish_export(checkpoint, output_dir, metrics, checkpoint, cfg.train.verify_export)
-    metrics["checkpoint_dir"] = checkpoint
-    _write_result(output_dir, metrics)
-    mark_finished(cfg, output_dir, metrics)
-    return TrainResult(final, checkpoint, metrics)
-
-
 def _finished(cfg: LookaheadConfig, output_dir: str, metrics: dict[str, Any]) -> TrainResult:
     logger.info("run %r in %s already finished with these settings (step %s): nothing to train",
                 cfg.train.run_name, output_dir, metrics.get("step"))
-    return TrainResult(storage.join(output_dir, FINAL_DIR), metrics.get("checkpoint_dir", ""), metrics,
+    return TrainResult(layout.final_dir(output_dir), metrics.get("checkpoint_dir", ""), metrics,
                        already_finished=True)
 
 
@@ -361,19 +370,17 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
     Raises:
         ExportMismatchError: the export check failed.
     """
-    from lookahead_ray.train.export import CONFIG_FILE, HF_SUBDIR
-
     passed = metrics.get("export_check_passed", not verify)  # asked for and missing: not passed
-    target = storage.join(output_dir, FINAL_DIR if passed else FAILED_EXPORT_DIR)
-    storage.check_output_dir(target, CONFIG_FILE, "train.output_dir")
+    target = layout.export_dir(output_dir, passed)
+    storage.check_output_dir(target, layout.CONFIG_FILE, "train.output_dir")
     with tempfile.TemporaryDirectory(prefix="lookahead-export-") as scratch:
         # Local: staged beside the target (one rename away); a URI: staged here, uploaded by publish_dir.
-        staging = Path(scratch, "hf") if storage.is_uri(target) else storage.staging_path(target)
-        shutil.copytree(Path(checkpoint_dir) / HF_SUBDIR, staging)
+        staging = Path(scratch, layout.HF_SUBDIR) if storage.is_uri(target) else storage.staging_path(target)
+        shutil.copytree(Path(checkpoint_dir) / layout.HF_SUBDIR, staging)
         if not passed:
             check = {k: v for k, v in metrics.items() if k.startswith("export_")}
-            (staging / "EXPORT_CHECK_FAILED.json").write_text(json.dumps(check, indent=2) + "\n")
-        storage.publish_dir(staging, target, marker=CONFIG_FILE)
+            (staging / layout.EXPORT_CHECK_FAILED_FILE).write_text(json.dumps(check, indent=2) + "\n")
+        storage.publish_dir(staging, target, marker=layout.CONFIG_FILE)
     if not passed:
         _write_result(output_dir, metrics)
         numbers = ", ".join(f"{k.removeprefix('export_')}={v:.3g}" if isinstance(v, float) else
@@ -386,7 +393,7 @@ def _publish_export(checkpoint_dir: str, output_dir: str, metrics: dict[str, Any
 
 
 def _write_result(output_dir: str, metrics: dict[str, Any]) -> None:
-    with storage.atomic_file(storage.join(output_dir, RESULT_FILE)) as f:
+    with storage.atomic_file(layout.result_file(output_dir)) as f:
         f.write(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
@@ -402,64 +409,40 @@ def _rows(tokens: str) -> int:
 
 
 def _tokens_locally(cfg: LookaheadConfig, output_dir: str) -> str:
-    """The token file of a run straight from inputs without Ray: the transform runs in this process, and the
-    row report (as ``prepare`` writes it) goes to ``<train dir>/rows_<run_name>.json``."""
+    """The token file of a run straight from inputs without Ray: the transform runs in this process, every row
+    counted as ``prepare`` counts it (``data.pipeline.count_rows``), and the row report (as ``prepare`` writes it)
+    goes to ``<train dir>/rows_<run_name>.json``."""
+    import time
+    from dataclasses import asdict
+
     import pyarrow as pa
 
+    from lookahead_ray.data.accounting import add_safety_counts, check_accounting, count_rows, empty_counts, prepare_report
     from lookahead_ray.data.readers import RowReader, expand_inputs, file_format, open_data
     from lookahead_ray.data.transform import TOKEN_COLUMNS, PrepareRecords
     from lookahead_ray.train.data_order import write_token_file
 
-    path = os.path.join(output_dir, f"tokens_{cfg.train.run_name}.arrow")
-    transform = PrepareRecords(cfg.to_dict())
-    reader = RowReader(cfg.data.max_row_bytes)
+    start = time.perf_counter()
+    transform, reader, counts = PrepareRecords(cfg.to_dict()), RowReader(cfg.data.max_row_bytes), empty_counts()
     files = expand_inputs(cfg.data)  # sorted, rows in file order: the canonical order of data_order
-    rows: list[dict[str, Any]] = []
+    kept = []
     for file in files:
         with open_data(file) as f:
-            for table in reader.tables(f, file, file_format(file, cfg.data.input_format)):
-                rows += transform(table).to_pylist()
+            kept += [count_rows(transform(table), counts)
+                     for table in reader.tables(f, file, file_format(file, cfg.data.input_format))]
+    check_accounting(counts, files, sum(counts["reasons"].values()))
     mix = None
     if cfg.data.safety_mix:
         from lookahead_ray.data.safety_mix import mix_safety_rows
 
-        table, mix = mix_safety_rows(cfg, sum(r["reject_reason"] is None for r in rows))
-        rows = sorted(rows + table.to_pylist(), key=lambda r: (r["source_file"], r["source_row"]))  # canonical order
-    _write_row_report(cfg, output_dir, files, rows, mix)
-    kept = [r for r in rows if r["reject_reason"] is None]
-    return write_token_file(pa.table({name: [r[name] for r in kept] for name in TOKEN_COLUMNS}), path)
-
-
-def _write_row_report(cfg: LookaheadConfig, output_dir: str, files: list[str], rows: list[dict[str, Any]],
-                      mix: dict[str, Any] | None = None) -> None:
-    from dataclasses import asdict
-
-    from lookahead_ray.data.readers import END_OF_FILE
-    from lookahead_ray.data.report import PrepareReport
-
-    records = [r for r in rows if r["reject_reason"] != END_OF_FILE]
-    rejected = [r for r in records if r["reject_reason"] is not None]
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        reasons[r["reject_reason"]] = reasons.get(r["reject_reason"], 0) + 1
-    report = PrepareReport(
-        output_dir=None, input_files=files, rows_read=len(records), rows_written=len(records) - len(rejected),
-        rows_truncated=sum(bool(r["truncated"]) for r in records if r["reject_reason"] is None),
-        rows_rejected=len(rejected), rejected_by_reason=dict(sorted(reasons.items())),
-        rejected_examples=[{"file": r["source_file"], "row": r["source_row"], "field": r["reject_field"],
-                            "reason": r["reject_reason"], "detail": (r["reject_detail"] or "")[:300]}
-                           for r in rejected[:20]], config=cfg.to_dict(), safety_mix=mix,
-        rows_plain=sum(r["preview_tokens"] == -1 for r in records if r["reject_reason"] is None) - (mix or {}).get(
-            "written", 0),
-        preview_tokens=_histogram(r["preview_tokens"] for r in records if r["reject_reason"] is None
-                                  and r["preview_tokens"] >= 0))
+        table, mix = mix_safety_rows(cfg, counts["written"])
+        part = empty_counts()
+        kept.append(count_rows(table, part))
+        add_safety_counts(counts, part)
+    report = prepare_report(cfg, counts, files, None, time.perf_counter() - start, mix)
     logger.info("%s", report.summary())
-    with storage.atomic_file(Path(output_dir) / f"rows_{cfg.train.run_name}.json") as f:
+    with storage.atomic_file(layout.local_rows_report(output_dir, cfg.train.run_name)) as f:
         f.write(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-
-
-def _histogram(values: Any) -> dict[str, int]:
-    """{value: count} with string keys in ascending order (as prepare_report.json's ``preview_tokens``)."""
-    from collections import Counter
-
-    return {str(k): n for k, n in sorted(Counter(values).items())}
+    rows = pa.concat_tables(kept, promote_options="default").sort_by([("source_file", "ascending"),
+                                                                       ("source_row", "ascending")])
+    return write_token_file(rows.select(TOKEN_COLUMNS), layout.local_tokens(output_dir, cfg.train.run_name))
