@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -81,15 +82,19 @@ def clean_up(before: RayState) -> str | None:
     """Remove the test's placement groups and kill its actors; restart Ray if that does not free its resources.
     Returns why Ray was restarted, or None."""
     import ray
-    from ray._raylet import ActorID, PlacementGroupID
+    from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    from ray.util import state
+
     now = ray_state()
-    core = ray._private.worker.global_worker.core_worker
-    for actor_id, cls in now.actors.items():
-        if actor_id not in before.actors and cls not in RAY_SINGLETONS:
-            with contextlib.suppress(Exception):
-                ray.kill(core.get_actor_handle(ActorID.from_hex(actor_id)), no_restart=True)
+    # By the process Ray names, not by handle: an actor another driver made (a CLI joined through RAY_ADDRESS) has no
+    # handle in this process, and asking the core worker for one aborts the whole pytest process (a Ray check fails).
+    for actor in state.list_actors(ray.get_runtime_context().gcs_address, filters=[("state", "!=", "DEAD")],
+                                   limit=10_000, detail=True):
+        if actor.actor_id not in before.actors and actor.class_name not in RAY_SINGLETONS and actor.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(actor.pid, signal.SIGKILL)
     for pg_id in now.placement_groups:
         if pg_id not in before.placement_groups:
             with contextlib.suppress(Exception):
