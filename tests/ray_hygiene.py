@@ -83,9 +83,8 @@ def clean_up(before: RayState) -> str | None:
     Returns why Ray was restarted, or None."""
     import ray
     from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     from ray.util import state
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     now = ray_state()
     # By the process Ray names, not by handle: an actor another driver made (a CLI joined through RAY_ADDRESS) has no

@@ -241,9 +241,10 @@ def test_optuna_asked_for_but_missing_is_one_clear_error(tmp_path, monkeypatch, 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_search_keeps_failed_trials_survives_a_kill_resumes_and_writes_a_trainable_best(ray_local, tmp_path, capsys):
-    """One search, as a user meets it: two trials train, two fail on a bad learning rate without stopping it; the
-    driver is killed once a trial has finished, `--resume` runs only the trials that had not ended, and a second
-    `--resume` runs nothing."""
+    """One search, as a user meets it: two compared methods train, each as its own method, and two trials fail on a
+    bad learning rate without stopping it; the driver is killed once a trial has finished, `--resume` runs only the
+    trials that had not ended, and a second `--resume` runs nothing; the winner's config, its method applied, loads
+    as a training config."""
     import os
     import signal
     import subprocess
@@ -254,7 +255,8 @@ def test_tiny_search_keeps_failed_trials_survives_a_kill_resumes_and_writes_a_tr
 
     out = tmp_path / "search"
     argv = ["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
-            "tune.modes=[vanilla, real]", "tune.m=[2]", "tune.learning_rates=[3.0e-3, -1.0]"]
+            "tune.modes=[]", "tune.methods=[constrained_sft, mixed_preview]",
+            "tune.method_knobs={mixed_preview: {preview.mix_plain_share: [0.25]}}", "tune.learning_rates=[3.0e-3, -1.0]"]
     # Its own Ray: the whole search is killed, Ray included. Unbuffered: the lines it printed before the kill stay.
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     console = tmp_path / "killed-console.txt"
@@ -306,29 +308,14 @@ def test_tiny_search_keeps_failed_trials_survives_a_kill_resumes_and_writes_a_tr
     assert not re.findall(r"\[tune \d\d:\d\d:\d\d\] trial ", capsys.readouterr().out)
     assert [p.stat().st_mtime_ns for p in finished] == stamps
 
+    done = {r["label"] for r in rows if r["status"] == "done"}
+    assert done == {"constrained_sft lr=0.003", "mixed_preview preview.mix_plain_share=0.25 lr=0.003"}, done
+    assert {json.loads(p.read_text())["loss_objective"] for p in finished} == {"constrained_sft", "sft"}
     best = out / "best.yaml"
     assert "lookahead-ray train --config" in best.read_text().splitlines()[2]
     assert main(["train", "--config", str(best), "--dry-run"]) == 0
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_a_search_over_methods_trains_each_and_writes_the_winners_config(ray_local, tmp_path):
-    from lookahead_ray.cli import main
-    from lookahead_ray.config import load_config
-
-    out = tmp_path / "methods"
-    assert main(["tune", "--config", str(REPO / "configs" / "tune_tiny_cpu.yaml"), "--output-dir", str(out),
-                 "tune.modes=[]", "tune.methods=[constrained_sft, mixed_preview]",
-                 "tune.method_knobs={mixed_preview: {preview.mix_plain_share: [0.25]}}"]) == 0
-    with open(out / "trials.csv") as f:
-        rows = {r["label"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"constrained_sft", "mixed_preview preview.mix_plain_share=0.25"}
-    assert {r["status"] for r in rows.values()} == {"done"}
-    results = {json.loads(p.read_text())["loss_objective"] for p in out.glob("trials/*/train/train_result.json")}
-    assert results == {"constrained_sft", "sft"}
-    best = load_config(out / "best.yaml")  # the winner's config, its method applied, loads as a training config
-    assert best.train.constrained is not None or best.preview.mix_plain_share == 0.25
+    winner = load_config(best)  # the winner's method applied
+    assert winner.train.constrained is not None or winner.preview.mix_plain_share == 0.25
 
 
 @pytest.mark.timeout(300)
