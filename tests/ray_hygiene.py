@@ -28,6 +28,11 @@ RAY_SINGLETONS = {"_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationT
 """Ray's own per-cluster actors, created once on first use and kept for the cluster's life (Ray Data's stats and
 autoscaling coordinator, Ray Train's state actor): not a test's leftovers."""
 
+RAY_JANITORS = {"PlacementGroupCleaner"}
+"""Ray Train's detached janitor, which outlives a driver killed on purpose (SIGKILL, Ctrl-C) to remove its placement
+groups and then exits on its own, a minute or so later; it holds no CPU, and a placement group or CPU it failed to
+free is still reported."""
+
 RESTARTS: list[str] = []
 """Why the session's Ray was restarted, one entry per restart (read by the plugin's own test)."""
 
@@ -41,7 +46,7 @@ class RayState:
 
     def new_since(self, before: RayState) -> list[str]:
         found = [f"actor {cls} ({actor_id[:12]})" for actor_id, cls in self.actors.items()
-                 if actor_id not in before.actors and cls not in RAY_SINGLETONS]
+                 if actor_id not in before.actors and cls not in RAY_SINGLETONS | RAY_JANITORS]
         found += [f"placement group {pg_id[:12]} {bundles}" for pg_id, bundles in self.placement_groups.items()
                   if pg_id not in before.placement_groups]
         found += [f"running task {name} ({task_id[:12]})" for task_id, name in self.tasks.items()

@@ -44,8 +44,8 @@ def _stop(process: subprocess.Popen | None) -> None:
     if process is None or process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
+    try:  # a test's own Ray node or server: nothing of it is kept, so a short grace (ray stop's own is 10 s+)
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)

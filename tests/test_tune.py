@@ -282,8 +282,10 @@ def test_tiny_search_keeps_failed_trials_survives_a_kill_resumes_and_writes_a_tr
     stdout = capsys.readouterr().out
     resumed_lines = re.findall(r"\[tune \d\d:\d\d:\d\d\] trial (\S+) ", stdout)
     assert len(resumed_lines) == 4 - len(ended)  # only the trials that had not ended ran
-    assert not set(resumed_lines) & set(ended) and set(killed_lines) <= set(ended)
-    assert len(set(killed_lines) | set(resumed_lines)) == 4  # every trial reported once, in the run it ended in
+    assert not set(resumed_lines) & set(ended)
+    # Every trial reported, in the run it ended in; a trial the kill caught between its line and Tune's next save of
+    # its state had not ended for Tune and is run again (seen once in 2,000 s of suite).
+    assert set(killed_lines) <= set(ended) | set(resumed_lines) and len(set(killed_lines) | set(resumed_lines)) == 4
     assert {p.stat().st_mtime_ns for p in results.values()} == set(stamps.values())  # finished trials not run again
     assert "best so far" in stdout
     counts = re.findall(r"\[(\d+)/(\d+) ended\]", stdout)  # out of the search's 4 trials, not Tune's list so far
