@@ -39,8 +39,11 @@ def rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer, rows) -> str:
-    """A tiny random Llama in fp32 whose end tokens include the one that ends its answers to these prompts at the
-    most varied lengths (a random model practically never emits the real EOS)."""
+    """A tiny random Llama in fp32 that ends its answers with EOS at varied lengths: a random model practically
+    never emits EOS, so EOS takes over the output row of the token that ends these answers at the most varied
+    lengths (a slightly larger copy: EOS wins wherever that token would)."""
+    import torch
+
     from lookahead_ray.eval.generate import build_prompts, greedy_generate
     from lookahead_ray.modeling import build_model
 
@@ -57,7 +60,8 @@ def model_dir(tmp_path_factory, tiny_tokenizer, rows) -> str:
         return len({a.index(token) if token in a else MAX_NEW for a in answers})
 
     end = max({t for a in answers for t in a} - {tiny_tokenizer.pad_token_id}, key=lengths)
-    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, end]
+    with torch.no_grad():
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] = model.lm_head.weight[end] * 1.05
     model.save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return str(directory)
@@ -172,48 +176,73 @@ def _server(url: str, cache: Path, **overrides) -> dict:
 
 
 @pytest.mark.slow
-def test_openai_engine_against_transformers_serve_equals_hf_fails_in_one_line_and_resumes(
-        ray_local, model_dir, rows, reference, served, tmp_path):
-    from lookahead_ray.console import raised_in_ray
-    from lookahead_ray.eval.engines import GenerationError
+def test_openai_engine_against_transformers_serve_gives_the_hf_engines_answers(ray_local, model_dir, rows, reference,
+                                                                              served, tmp_path):
     from lookahead_ray.eval.generate import generate_responses
 
-    # transformers serve takes only string prompts ("prompt must be a string", HTTP 400): with prompt_format
-    # token_ids the run fails on the first prompt, without retrying a refusal, naming the URL and the prompt.
-    with pytest.raises(GenerationError) as refused:
-        generate_responses(model_dir, rows[:2], _settings("openai", server=_server(served + "/v1", tmp_path / "a")),
-                           batch_size=2)
-    line = str(raised_in_ray(refused.value))
-    assert "\n" not in line and f"{served}/v1/completions" in line and "prompt rsr/" in line and "HTTP 400" in line
-
-    # It breaks after 40 answers: one line naming the URL and the prompt; the 40 are kept.
-    proxy = FlakyProxy(served)
-    proxy.fail_after = 40
-    server = _server(proxy.url, tmp_path / "b", prompt_format="text")
-    with pytest.raises(GenerationError) as broken:
-        generate_responses(model_dir, rows, _settings("openai", server=server), batch_size=32)
-    line = str(raised_in_ray(broken.value))
-    assert "\n" not in line and f"{proxy.url}/completions failed prompt " in line and "HTTP 500" in line, line
-    kept = (tmp_path / "b" / "completions.jsonl").read_text().splitlines()
-    assert len(kept) == 40
-
-    # The rerun sends only the 50 prompts not yet answered, and every answer is the hf engine's.
-    proxy.fail_after = None
+    # As text (the rendered prompt with the prefill appended), every answer is the hf engine's: same prefill ids,
+    # response and continuation text, for all 90 prompts.
+    server = _server(served + "/v1", tmp_path, prompt_format="text")
     out = generate_responses(model_dir, rows, _settings("openai", server=server), batch_size=32)
-    assert proxy.forwarded == 90
-    assert _same(out, reference) == 90
+    assert _same(out, reference, ("prefill_ids", "response", "continuation")) == len(rows) == 90
+    # The number of new tokens too, except where EOS came exactly as the last allowed token: transformers serve
+    # then reports finish_reason "length" (it compares its count, EOS included, with max_tokens), and a text-only
+    # reply cannot tell that EOS apart from a last ordinary token.
+    at_limit = [r["id"] for r in reference if r["new_tokens"] == MAX_NEW - 1]
+    assert [o["id"] for o, r in zip(out, reference, strict=True) if o["new_tokens"] != r["new_tokens"]] == at_limit
 
-    # A reply without choices, after the retries: malformed, one line.
-    # (3 new tokens: a prompt not in the cache.)
+
+@pytest.mark.slow
+def test_a_server_that_breaks_fails_in_one_line_keeps_its_answers_and_a_rerun_resumes(model_dir, rows, reference,
+                                                                                     served, tmp_path):
+    """The client the openai engine's actors run, called directly (the Ray path is the test above)."""
+    from lookahead_ray.eval.engines import CompletionsClient, GenerationError
+    from lookahead_ray.eval.generate import build_prompts, inference_tokenizer, server_text
+
+    tokenizer = inference_tokenizer(model_dir, {})
+    batch = {"messages": [json.dumps(r["messages"]) for r in rows],
+             "prefill_source": [r["prefill_source"] or "" for r in rows]}
+    _, prompts = build_prompts(tokenizer, batch, _settings())
+    # Every third prompt (RSR, JSR and utility alike): the server answers one at a time on CPU.
+    prompts, reference = prompts[::3], reference[::3]
+    texts, ids = [server_text(tokenizer, p) for p in prompts], [r["id"] for r in rows[::3]]
+    # transformers serve takes only string prompts ("prompt must be a string", HTTP 400): with prompt_format
+    # token_ids it fails on the first prompt, without retrying a refusal, in one line naming the URL and prompt.
+    with pytest.raises(GenerationError) as refused:
+        CompletionsClient(_server(served + "/v1", tmp_path / "ids"), model_dir, MAX_NEW).complete(
+            ids[:2], prompts[:2], None)
+    line = str(refused.value)
+    assert "\n" not in line and f"{served}/v1/completions failed prompt rsr/" in line and "HTTP 400" in line, line
+    assert "after 1 attempt(s)" in line
+
+    proxy = FlakyProxy(served)
+    server = _server(proxy.url, tmp_path, prompt_format="text")
+
+    # It breaks after 12 answers: one line naming the URL and the prompt; the 12 received are kept.
+    proxy.fail_after = 12
+    with pytest.raises(GenerationError) as broken:
+        CompletionsClient(server, model_dir, MAX_NEW).complete(ids, prompts, texts)
+    line = str(broken.value)
+    assert "\n" not in line and f"{proxy.url}/completions failed prompt " in line and "(last: HTTP 500" in line
+    assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 12
+
+    # The rerun sends only the 18 prompts not yet answered, and every answer is the hf engine's.
+    proxy.fail_after = None
+    answers = CompletionsClient(server, model_dir, MAX_NEW).complete(ids, prompts, texts)
+    assert proxy.forwarded == len(prompts) == 30
+    assert [a["text"] for a in answers] == [r["continuation"] for r in reference]
+    assert [a["new_tokens"] for a, r in zip(answers, reference, strict=True) if r["new_tokens"] != MAX_NEW - 1] == [
+        r["new_tokens"] for r in reference if r["new_tokens"] != MAX_NEW - 1]
+
+    # A reply without choices, after the retries: malformed. A server slower than the per-request timeout: a
+    # timeout. Both one line; 3 new tokens make prompts that are not in the cache.
     proxy.fail_after, proxy.mode = 0, "malformed"
     with pytest.raises(GenerationError, match=r"failed prompt rsr/\S+ after 2 attempt\(s\) \(last: malformed"):
-        generate_responses(model_dir, rows[:1], _settings("openai", server=server) | {"max_new_tokens": 3},
-                           batch_size=1)
-    # A server slower than the per-request timeout: a timeout, one line.
+        CompletionsClient(server, model_dir, 3).complete(ids[:1], prompts[:1], texts[:1])
     proxy.mode = "slow"
     with pytest.raises(GenerationError, match=r"failed prompt rsr/\S+ after 1 attempt\(s\) \(last: (Timeout|URL)"):
-        generate_responses(model_dir, rows[:1], _settings("openai", server=server | {
-            "timeout_seconds": 0.5, "max_retries": 0}) | {"max_new_tokens": 3}, batch_size=1)
+        CompletionsClient(server | {"timeout_seconds": 0.5, "max_retries": 0}, model_dir, 3).complete(
+            ids[:1], prompts[:1], texts[:1])
 
 
 def test_server_config_errors_are_one_line():

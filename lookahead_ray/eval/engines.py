@@ -25,6 +25,16 @@ class GenerationError(LookaheadError, RuntimeError):
     """An engine could not produce a prompt's continuation (a server that kept failing, a request the engine
     rejected); names the engine or URL and the prompt id."""
 
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.line = line
+
+    def __str__(self) -> str:  # Ray Data appends its retry advice to args: the one line stays one line
+        return self.line
+
+    def __reduce__(self):
+        return (GenerationError, (self.line,))
+
 
 def end_tokens(model_generation_config: Any, tokenizer: Any) -> list[int]:
     """The model's end tokens: its generation config may list several (end of turn and end of text)."""
@@ -103,6 +113,7 @@ class CompletionsClient:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut short by a killed run: that prompt is simply sent again
         self._lock = threading.Lock()
+        self._failed: GenerationError | None = None
         self.sent = 0
 
     def _key_of(self, prompt: list[int]) -> str:
@@ -113,6 +124,8 @@ class CompletionsClient:
 
     def complete(self, ids: list[str], prompts: list[list[int]], texts: list[str] | None) -> list[dict]:
         """One ``{"text", "token_ids" (or None), "new_tokens"}`` per prompt, in order."""
+        if self._failed is not None:  # Ray Data may hand this actor more batches after the run has failed
+            raise self._failed
         keys = [self._key_of(p) for p in prompts]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         with ThreadPoolExecutor(max_workers=self.server["max_concurrency"]) as pool:
@@ -121,6 +134,9 @@ class CompletionsClient:
             try:
                 for future in futures:
                     future.result()
+            except GenerationError as exc:
+                self._failed = exc
+                raise
             finally:
                 for future in futures:  # after a fatal error, queued prompts are not sent
                     future.cancel()
@@ -178,8 +194,10 @@ def _parse_completion(reply: dict) -> dict:
     if token_ids is not None and not all(isinstance(t, int) for t in token_ids):
         raise ValueError("token_ids are not integers")
     usage = reply.get("usage") or {}
-    new_tokens = len(token_ids) if token_ids is not None else int(usage.get("completion_tokens", 0))
-    return {"text": text, "token_ids": token_ids, "new_tokens": new_tokens}
+    # An answer that stopped at an end token: the servers count that token (transformers serve, vLLM), the
+    # contract does not. Token ids are cut by the caller.
+    new_tokens = int(usage.get("completion_tokens", 0)) - (choice.get("finish_reason") == "stop")
+    return {"text": text, "token_ids": token_ids, "new_tokens": max(new_tokens, 0)}
 
 
 # --- vllm -----------------------------------------------------------------------------------------------------------

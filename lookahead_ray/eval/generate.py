@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lookahead_ray.errors import ConfigError
+from lookahead_ray.errors import ConfigError, LookaheadError
 from lookahead_ray.eval.engines import CompletionsClient, continuous_generate, cut_at_end, end_tokens, model_end_tokens
 from lookahead_ray.eval.safety import jsr_prefill_ids
 from lookahead_ray.prompts import render_prompt
@@ -79,6 +79,7 @@ class ResponseGenerator:
         torch.manual_seed(settings.get("seed", 0))
         if self.engine == "openai":
             self.tokenizer = inference_tokenizer(model_dir, settings)
+            self.eos = model_end_tokens(model_dir, self.tokenizer)
             server = settings["server"]
             self.client = CompletionsClient(server, server.get("model") or model_dir, settings["max_new_tokens"])
             return
@@ -95,9 +96,11 @@ class ResponseGenerator:
             texts = ([server_text(self.tokenizer, p) for p in prompts]
                      if self.settings["server"]["prompt_format"] == "text" else None)
             answers = self.client.complete(ids, prompts, texts)
-            return with_responses(batch, self.tokenizer, prefills,
-                                  [a["text"] if a["token_ids"] is None else a["token_ids"] for a in answers],
-                                  [a["new_tokens"] for a in answers])
+            continuations = [a["text"] if a["token_ids"] is None else cut_at_end(a["token_ids"], self.eos)
+                             for a in answers]
+            return with_responses(batch, self.tokenizer, prefills, continuations,
+                                  [a["new_tokens"] if isinstance(c, str) else len(c)
+                                   for a, c in zip(answers, continuations, strict=True)])
         if self.engine == "hf_continuous":
             continuations = continuous_generate(self.model, self.tokenizer, prompts, max_new,
                                                 self.settings["continuous_batching"], ids)
@@ -199,6 +202,8 @@ def generate_responses(model_dir: str, rows: list[dict[str, Any]], settings: dic
                        num_actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                        description: str = "generating") -> list[dict]:
     """Generate for ``rows`` ({id, messages, prefill_source}) on Ray Data; results in input order."""
+    import copy
+    import gc
     import math
 
     import ray.data
@@ -221,6 +226,24 @@ def generate_responses(model_dir: str, rows: list[dict[str, Any]], settings: dic
         ds = ds.map_batches(ResponseGenerator, fn_constructor_args=(model_dir, settings), batch_size=batch_size,
                             batch_format="numpy", compute=ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
                             num_gpus=gpus_per_actor)
+    # A server's or engine's GenerationError itself (naming the URL and prompt), not a generic "UDF failed".
+    ds.context.raise_original_map_exception = True
+    try:
+        return _collect(ds, rows, description)
+    except LookaheadError as exc:
+        error = copy.copy(console.raised_in_ray(exc))
+    # The failed run's actors live as long as anything references its dataset, and the error's traceback does (a
+    # caller that keeps the error, a Tune trial, a test, would wait forever for their CPUs): drop it, then collect
+    # the executor's reference cycles, so the actors are released before the error reaches the caller.
+    del ds
+    gc.collect()
+    error.__traceback__ = error.__cause__ = error.__context__ = None
+    raise error from None
+
+
+def _collect(ds: Any, rows: list[dict[str, Any]], description: str) -> list[dict]:
+    from lookahead_ray import console
+
     by_id = {}
     with console.progress(len(rows), description, "prompt") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
