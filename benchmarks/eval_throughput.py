@@ -60,16 +60,17 @@ def _model(directory: Path, hidden: int, layers: int, rows: list[dict], max_new:
                                            num_hidden_layers=layers))
     tokenizer = tokenizer_for(cfg)
     model = build_model(cfg, tokenizer, seed=0).eval()
-    probe = rows[:32]
+    probe = rows[:64]
     batch = {"messages": [json.dumps(r["messages"]) for r in probe],
              "prefill_source": [r["prefill_source"] or "" for r in probe]}
     _, prompts = build_prompts(tokenizer, batch, {"jsr_prefill_tokens": 3, "jsr_prefill_count": "answer_tokens"})
     answers = greedy_generate(model, tokenizer, prompts, max_new, "cpu")
 
-    def lengths(token: int) -> int:
-        return len({a.index(token) if token in a else max_new for a in answers})
+    def spread(token: int) -> int:  # answers it ends x the distinct lengths they end at
+        ends = [a.index(token) for a in answers if token in a]
+        return len(ends) * len(set(ends))
 
-    end = max({t for a in answers for t in a} - {tokenizer.pad_token_id}, key=lengths)
+    end = max({t for a in answers for t in a} - {tokenizer.pad_token_id}, key=spread)
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[end] * 1.05
     model.save_pretrained(directory)
