@@ -422,6 +422,78 @@ class JudgeConfig:
 
 
 @dataclass
+class ContinuousBatchingConfig:
+    """`eval.engine: hf_continuous`: the KV cache of transformers' continuous batching (paged attention). Explicit
+    sizes, since the automatic sizing reads GPU memory and on CPU picks a cache that makes generation ~10x slower."""
+
+    page_size: int = 32
+    """Tokens per KV-cache page."""
+    num_blocks: int = 512
+    """Pages in the cache: num_blocks x page_size tokens in flight at once, across all requests."""
+    max_batch_tokens: int = 2048
+    """Tokens (prefill and decode) in one forward pass."""
+    max_requests_per_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if min(self.page_size, self.num_blocks, self.max_batch_tokens, self.max_requests_per_batch) < 1 or (
+                self.page_size < 4):
+            raise ConfigError("eval.continuous_batching: page_size must be >= 4 and num_blocks, max_batch_tokens and "
+                              "max_requests_per_batch >= 1")
+
+
+@dataclass
+class ServerConfig:
+    """`eval.engine: openai`: an OpenAI-compatible completions server that is already running (vLLM, SGLang, TGI,
+    `transformers serve`); the chat template and JSR prefill are applied here, the server only continues."""
+
+    url: str | None = None
+    """Base URL, e.g. http://127.0.0.1:8000/v1 (requests go to <url>/completions)."""
+    model: str | None = None
+    """The name the server knows the model by; default: the --model path as given."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (the key itself never goes in a config)."""
+    prompt_format: Literal["token_ids", "text"] = "token_ids"
+    """token_ids: the prompt as a list of ids (vLLM, SGLang); text: the rendered prompt with the prefill decoded
+    and appended, for servers that only take strings (`transformers serve`, TGI)."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """Sent with every request, e.g. {return_token_ids: true} for vLLM, so the continuation comes back as ids."""
+    max_concurrency: int = 8
+    max_retries: int = 3
+    backoff_seconds: float = 1.0
+    timeout_seconds: float = 120.0
+    """Per request."""
+    cache_dir: str = "~/.cache/lookahead_ray/eval_server"
+    """Every completion received is appended here (keyed by URL, model, prompt ids and settings), so a rerun after
+    a failure resends only the prompts not yet answered."""
+
+    def __post_init__(self) -> None:
+        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout_seconds <= 0:
+            raise ConfigError("eval.server: max_concurrency must be >= 1, max_retries >= 0 and timeout_seconds > 0")
+
+
+@dataclass
+class VLLMConfig:
+    """`eval.engine: vllm`: Ray Data's vLLM processor (`ray.data.llm.vLLMEngineProcessorConfig`), for GPU clusters."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    concurrency: int = 1
+    """vLLM engine replicas (data parallelism), each tensor_parallel_size x pipeline_parallel_size GPUs."""
+    batch_size: int = 64
+    """Rows Ray Data hands an engine at once; vLLM batches continuously inside."""
+    accelerator_type: str | None = None
+    """e.g. H100: only nodes with that accelerator run the engine."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """More vLLM engine arguments (max_model_len, gpu_memory_utilization, dtype, ...)."""
+
+    def __post_init__(self) -> None:
+        if min(self.tensor_parallel_size, self.pipeline_parallel_size, self.concurrency, self.batch_size) < 1:
+            raise ConfigError("eval.vllm: tensor_parallel_size, pipeline_parallel_size, concurrency and batch_size "
+                              "must be >= 1")
+
+
+@dataclass
 class EvalConfig:
     """`lookahead-ray eval`: safety (RSR, JSR), utility and first-token drift of several models."""
 
@@ -455,10 +527,20 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     seed: int = 0
+    engine: Literal["hf", "hf_continuous", "vllm", "openai"] = "hf"
+    """How responses are generated; every engine takes the same token-id prompts (chat template, JSR prefill) and
+    returns greedy ids cut at the model's end tokens. hf: static left-padded batches of batch_size (the reference);
+    hf_continuous: transformers' continuous batching in the same actors; vllm: Ray Data's vLLM processor (GPUs, the
+    `vllm` extra); openai: a running OpenAI-compatible server (eval.server)."""
+    continuous_batching: ContinuousBatchingConfig = field(default_factory=ContinuousBatchingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.jsr_prefill_tokens < 1:
             raise ConfigError("eval: max_new_tokens, batch_size and jsr_prefill_tokens must be >= 1")
+        if self.engine == "openai" and not self.server.url:
+            raise ConfigError("eval.engine is openai but eval.server.url is not set (e.g. http://127.0.0.1:8000/v1)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ table) and ``drift.png`` (KL per answer position against the seed model).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -132,6 +133,9 @@ def _evaluate(cfg: LookaheadConfig, models: list[tuple[str, str]]) -> dict[str, 
                 "jsr_prefill_count": ev.jsr_prefill_count, "seed": ev.seed,
                 "trust_remote_code": cfg.model.trust_remote_code, "chat_template": cfg.model.chat_template,
                 "expect_gpu": ev.gpus_per_actor > 0, "base_model": ev.base_model}
+    if ev.engine != "hf":  # hf's settings stay as they were, so responses saved before engines existed still match
+        section = {"hf_continuous": "continuous_batching", "openai": "server", "vllm": "vllm"}[ev.engine]
+        settings |= {"engine": ev.engine, section: dataclasses.asdict(getattr(ev, section))}
     rows = _generation_rows(cfg, sets)
     results: dict[str, Any] = {"models": {}, "config": cfg.to_dict(), "versions": _versions()}
     samples: list[dict] = []
