@@ -195,13 +195,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0 if done else 2
     from lookahead_ray.config import parse_overrides
 
+    from lookahead_ray.demo.run import EVAL_ENGINE_KEYS
+
     overrides = parse_overrides(args.overrides)
-    if any(not key.startswith("world.") for key in overrides):
-        raise ConfigError("demo: only world.<ingredient>=value overrides apply without --search (e.g. "
-                          "world.hint_records=0); other keys configure the search: add --search")
-    world_overrides = {key.removeprefix("world."): value for key, value in overrides.items()}
+    engine = {key: value for key, value in overrides.items() if key.startswith(EVAL_ENGINE_KEYS)}
+    if any(not key.startswith("world.") for key in overrides.keys() - engine.keys()):
+        raise ConfigError("demo: only world.<ingredient>=value and eval.engine (eval.server.*, ...) overrides apply "
+                          "without --search (e.g. world.hint_records=0); other keys configure the search: add --search")
+    world_overrides = {key.removeprefix("world."): value for key, value in overrides.items() if key not in engine}
     options = {"quick": args.quick, "m": args.m, "virtual_prefix": args.P, "world": args.world,
-               "world_overrides": world_overrides, "lora": args.lora, "methods": _method_list(args.methods)}
+               "world_overrides": world_overrides, "engine_overrides": engine, "lora": args.lora,
+               "methods": _method_list(args.methods)}
     if args.seeds:
         seeds = _seed_list(args.seeds)
         summary = run_demo_seeds(args.output_dir, seeds, **options)

@@ -160,8 +160,9 @@ constrained SFT's training in test_constrained; the table of all eight comes fro
 
 @pytest.fixture(scope="session")
 def quick_demo(ray_local, tmp_path_factory, demo_cache):
-    """`demo --quick --seed 3 --methods vanilla,real,virtual,safety_mix`, run once as a user runs it: the CLI in its
-    own process (joined to the session's Ray), console captured. Returns (output directory, the finished process)."""
+    """`demo --quick --seed 3 --methods vanilla,real,virtual,safety_mix eval.engine=hf_continuous`, run once as a user
+    runs it: the CLI in its own process (joined to the session's Ray), console captured; its answers come from
+    transformers' continuous batching (equal to hf's: test_eval_engines). Returns (output directory, the process)."""
     import os
     import subprocess
     import sys
@@ -169,8 +170,8 @@ def quick_demo(ray_local, tmp_path_factory, demo_cache):
     out = tmp_path_factory.mktemp("quick-demo") / "demo"
     env = {**os.environ, "LOOKAHEAD_RAY_CACHE": str(demo_cache), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     run = subprocess.run([sys.executable, "-m", "lookahead_ray", "demo", "--quick", "--seed", "3", "--methods",
-                          ",".join(DEMO_METHODS), "--output-dir", str(out)], env=env, capture_output=True, text=True,
-                         timeout=1500)
+                          ",".join(DEMO_METHODS), "--output-dir", str(out), "eval.engine=hf_continuous"], env=env,
+                         capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-5000:]
     return out, run
 
@@ -231,6 +232,7 @@ def test_quick_demo_end_to_end_report_numbers_come_from_results(quick_demo):
     previewed = [json.loads(x)["question"] for x in open(out / "world" / "task_test_real_preview.jsonl")]
     assert all(" The answer begins with: Sure" in q for q in previewed)  # the real preview of the opened answers
     assert saved["config"]["eval"]["system_prompt"] == "You are a helpful assistant."  # what PTST is tested with
+    assert saved["config"]["eval"]["engine"] == "hf_continuous"  # the demo generates with the engine it was given
     _check_methods(out, saved, report)
 
 
@@ -365,7 +367,7 @@ def test_world_overrides_and_seed_lists_are_checked_before_any_work(tmp_path, ca
 
     for argv, message in ((["world.bogus=1"], "world.bogus is not an ingredient"),
                           (["world.hint_records=many"], "world.hint_records must be a int"),
-                          (["train.max_steps=3"], "only world.<ingredient>=value overrides apply without --search"),
+                          (["train.max_steps=3"], "only world.<ingredient>=value and eval.engine (eval.server.*, ...) overrides apply without --search"),
                           (["--seeds", "0,x"], "expected comma-separated integers")):
         assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
         assert message in capsys.readouterr().err

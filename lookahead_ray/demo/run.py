@@ -133,9 +133,15 @@ def variant_config(world: dict[str, str], seed_dir: str, variant: str, out: Path
     return apply_method(LookaheadConfig.from_dict(cfg), variant).to_dict()
 
 
-def _eval_config(world: dict[str, str], out: Path, quick: bool) -> dict[str, Any]:
+EVAL_ENGINE_KEYS = ("eval.engine", "eval.server.", "eval.continuous_batching.", "eval.vllm.")
+"""The demo's own overrides of how it generates (``eval.engine=hf_continuous``, ``eval.server.url=...``): the engine
+changes how fast the answers come, not what is measured."""
+
+
+def _eval_config(world: dict[str, str], out: Path, quick: bool,
+                 engine_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     limit = 12 if quick else None
-    return {
+    cfg = {
         "tokenization": {"system_prompt": SYSTEM},
         "eval": {"output_dir": str(out / "eval"), "system_prompt": SYSTEM,
                  "harmful": {"path": world["harmful_heldout"], "format": "hexphi", "max_samples": limit},
@@ -147,6 +153,13 @@ def _eval_config(world: dict[str, str], out: Path, quick: bool) -> dict[str, Any
                  "max_new_tokens": 40, "batch_size": 32, "drift_positions": 8, "drift_max_prompts": 16,
                  "judge": {"keyword_first_n_words": 10}},
     }
+    for key, value in (engine_overrides or {}).items():
+        *sections, name = key.split(".")
+        target = cfg
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    return cfg
 
 
 def cached_seed_model(world: dict[str, str], tokenizer_dir: str, quick: bool) -> str:
@@ -193,9 +206,10 @@ def build_world(out: Path, seed: int, quick: bool, options: WorldOptions = WORLD
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
              virtual_prefix: str = "Let's solve this problem. ", world: str = "mechanism",
              world_overrides: dict[str, Any] | None = None, lora: bool = False,
-             methods: list[str] | None = None) -> dict[str, Any]:
+             methods: list[str] | None = None, engine_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo end to end, its report in ``output_dir``; returns the results. ``lora``: adapters, not all weights;
-    ``methods``: the fine-tunes compared (``lookahead_ray.methods``; default vanilla, real, virtual)."""
+    ``methods``: the fine-tunes compared (``lookahead_ray.methods``; default vanilla, real, virtual);
+    ``engine_overrides``: how the answers are generated (``EVAL_ENGINE_KEYS``)."""
     from lookahead_ray import console
     from lookahead_ray.eval.runner import run_eval
     from lookahead_ray.runtime import init_ray
@@ -231,7 +245,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
                                      for variant, label in runs.items()]
     mark = time.perf_counter()
     stage(f"eval: RSR, JSR, utility, benign over-refusal and drift for seed, {', '.join(variants)}")
-    eval_cfg = _eval_config(files, out, quick)
+    eval_cfg = _eval_config(files, out, quick, engine_overrides)
     configs["eval"] = eval_cfg
     eval_settings = LookaheadConfig.from_dict(eval_cfg)
     results = run_eval(eval_settings, models)
@@ -286,7 +300,7 @@ def run_demo_seeds(output_dir: str, seeds: list[int], **kwargs: Any) -> dict[str
     check_output_dir(out, MARKER, "demo --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:
-        f.write(json.dumps({"seeds": seeds, **{k: v for k, v in kwargs.items() if k != "world_overrides"}}) + "\n")
+        f.write(json.dumps({"seeds": seeds, **{k: v for k, v in kwargs.items() if k not in ("world_overrides", "engine_overrides")}}) + "\n")
     console.use_output_dir(out)
     per_seed = {}
     for seed in seeds:
