@@ -194,7 +194,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              result.trials, result.rank_by)])
         return 0 if done else 2
     from lookahead_ray.config import parse_overrides
-
     from lookahead_ray.demo.run import EVAL_ENGINE_KEYS
 
     overrides = parse_overrides(args.overrides)

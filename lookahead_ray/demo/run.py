@@ -208,8 +208,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, m: int = 6,
              world_overrides: dict[str, Any] | None = None, lora: bool = False,
              methods: list[str] | None = None, engine_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo end to end, its report in ``output_dir``; returns the results. ``lora``: adapters, not all weights;
-    ``methods``: the fine-tunes compared (``lookahead_ray.methods``; default vanilla, real, virtual);
-    ``engine_overrides``: how the answers are generated (``EVAL_ENGINE_KEYS``)."""
+    ``methods``: the fine-tunes compared (default vanilla, real, virtual); ``engine_overrides``: ``EVAL_ENGINE_KEYS``."""
     from lookahead_ray import console
     from lookahead_ray.eval.runner import run_eval
     from lookahead_ray.runtime import init_ray
