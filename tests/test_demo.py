@@ -367,7 +367,8 @@ def test_world_overrides_and_seed_lists_are_checked_before_any_work(tmp_path, ca
 
     for argv, message in ((["world.bogus=1"], "world.bogus is not an ingredient"),
                           (["world.hint_records=many"], "world.hint_records must be a int"),
-                          (["train.max_steps=3"], "only world.<ingredient>=value and eval.engine (eval.server.*, ...) overrides apply without --search"),
+                          (["train.max_steps=3"], "only world.<ingredient>=value and eval.engine (eval.server.*, ...) "
+                                                "overrides apply without --search"),
                           (["--seeds", "0,x"], "expected comma-separated integers")):
         assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
         assert message in capsys.readouterr().err

@@ -299,7 +299,8 @@ def run_demo_seeds(output_dir: str, seeds: list[int], **kwargs: Any) -> dict[str
     check_output_dir(out, MARKER, "demo --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / MARKER) as f:
-        f.write(json.dumps({"seeds": seeds, **{k: v for k, v in kwargs.items() if k not in ("world_overrides", "engine_overrides")}}) + "\n")
+        kept = {k: v for k, v in kwargs.items() if k not in ("world_overrides", "engine_overrides")}
+        f.write(json.dumps({"seeds": seeds, **kept}) + "\n")
     console.use_output_dir(out)
     per_seed = {}
     for seed in seeds:
