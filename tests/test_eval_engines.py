@@ -245,6 +245,28 @@ def test_a_server_that_breaks_fails_in_one_line_keeps_its_answers_and_a_rerun_re
             ids[:1], prompts[:1], texts[:1])
 
 
+@pytest.mark.slow
+def test_an_eval_run_against_an_unreachable_server_ends_with_one_line_naming_the_url_and_prompt(model_dir, tmp_path):
+    """The command a user runs, through Ray Data (its own Ray, as from a shell): exit 2 and one line."""
+    import os
+
+    from services import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "lookahead_ray", "eval", "--config",
+                          str(REPO / "configs" / "eval_tiny_cpu.yaml"), "--model", model_dir, "--output-dir",
+                          str(tmp_path / "eval"), "eval.engine=openai", f"eval.server.url={url}",
+                          "eval.server.max_retries=1", "eval.server.backoff_seconds=0.05",
+                          f"eval.server.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("lookahead-ray eval: error: ") and f"{url}/completions failed prompt " in last, last
+    assert "after 2 attempt(s)" in last and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
 def test_server_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="eval.server.url is not set"):
         LookaheadConfig.from_dict({"eval": {"engine": "openai"}})
