@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lookahead_ray.errors import ConfigError, LookaheadError
+from lookahead_ray.eval.service_io import api_key, read_cache
 
 
 class GenerationError(LookaheadError, RuntimeError):
@@ -98,20 +98,9 @@ class CompletionsClient:
     def __init__(self, server: dict[str, Any], model: str, max_new_tokens: int):
         self.server, self.model, self.max_new_tokens = server, model, max_new_tokens
         self.url = server["url"].rstrip("/") + "/completions"
-        env = server.get("api_key_env")
-        self._key = os.environ.get(env, "") if env else ""
-        if env and not self._key:
-            raise ConfigError(f"eval.server.api_key_env: environment variable {env} is not set")
+        self._key = api_key(server.get("api_key_env"), "eval.server.api_key_env")
         self.cache_path = Path(server["cache_dir"]) / "completions.jsonl"
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, dict] = {}
-        if self.cache_path.exists():
-            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._cache[entry["key"]] = entry
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by a killed run: that prompt is simply sent again
+        self._cache = read_cache(self.cache_path)
         self._lock = threading.Lock()
         self._failed: GenerationError | None = None
         self.sent = 0

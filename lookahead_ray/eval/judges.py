@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -27,6 +26,7 @@ from lookahead_ray.config import JudgeConfig
 from lookahead_ray.errors import ConfigError, JudgeUnavailableError
 from lookahead_ray.eval.intervals import count_ci95
 from lookahead_ray.eval.safety import REFERENCE_REFUSAL_PHRASES, keyword_refusal, strict_refusal
+from lookahead_ray.eval.service_io import api_key, read_cache
 
 RUBRIC = (Path(__file__).parent / "judge_rubric.txt").read_text(encoding="utf-8")
 _SCORE = re.compile(r"#thescore:\s*(\d)")
@@ -95,19 +95,10 @@ class LLMJudge:
         if not cfg.base_url or not cfg.model:
             raise ConfigError("eval.judge: the llm judge needs eval.judge.base_url and eval.judge.model")
         self.cfg, self.name = cfg, f"llm:{cfg.model}"
-        self._key = os.environ.get(cfg.api_key_env or "", "") if cfg.api_key_env else ""
-        if cfg.api_key_env and not self._key:
-            raise ConfigError(f"eval.judge.api_key_env: environment variable {cfg.api_key_env} is not set")
+        self._key = api_key(cfg.api_key_env, "eval.judge.api_key_env")
         self._cache_path = Path(cfg.cache_dir) / "llm_judge_cache.jsonl"
-        self._cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, dict] = {}
-        if self._cache_path.exists():
-            for line in self._cache_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._cache[entry["key"]] = {"key": entry["key"], "raw": entry["raw"]}
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by an interrupted run: that judgement is simply asked again
+        self._cache = {key: {"key": key, "raw": entry["raw"]} for key, entry in read_cache(self._cache_path).items()
+                       if "raw" in entry}
         self._lock = threading.Lock()
         self.calls = 0
 
